@@ -1,0 +1,58 @@
+"""The iotunnel exception tree.
+
+::
+
+    TunnelError
+     +-- ProtocolError                   (proxy.protocol.errors)
+     |    +-- LocalProtocolError
+     |    +-- RemoteProtocolError
+     +-- ConfigError                     bad flag, file line, variable or setting  -> exit 2
+     +-- TransportError                  the network failed us
+          +-- HandshakeRefused           the service answered the upgrade with 4xx -> do not retry
+          +-- ConnectFailed              TCP/TLS/proxy connect failed              -> retry
+
+Third-party exceptions (OSError, ssl, websockets) are mapped onto this tree only in
+``proxy/io``. Messages never contain tokens or keys.
+"""
+
+from __future__ import annotations
+
+from proxy.protocol.errors import (
+    LocalProtocolError,
+    ProtocolError,
+    RemoteProtocolError,
+    TunnelError,
+)
+
+__all__ = [
+    "ConfigError",
+    "ConnectFailed",
+    "HandshakeRefused",
+    "LocalProtocolError",
+    "ProtocolError",
+    "RemoteProtocolError",
+    "TransportError",
+    "TunnelError",
+]
+
+
+class ConfigError(TunnelError):
+    """A configuration problem; the message names the flag, file:line, variable or key."""
+
+
+class TransportError(TunnelError):
+    """The connection to the tunnel service failed."""
+
+
+class HandshakeRefused(TransportError):
+    """The service refused the WebSocket upgrade with a 4xx status: retrying cannot help."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(
+            f"the tunnel service refused the connection: HTTP {status} {reason}".strip()
+        )
+        self.status = status
+
+
+class ConnectFailed(TransportError):
+    """Could not reach the tunnel service (DNS, TCP, TLS, proxy, 5xx, timeout)."""

@@ -1,0 +1,60 @@
+"""What the session asks its I/O shell to do, and how it names a local connection."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionRef:
+    """One local TCP connection carried by the tunnel.
+
+    ``service_id`` is ``""`` for a V1 (unnamed) stream; ``connection_id`` is 1 for V1 and V2
+    streams, which carry a single connection each.
+    """
+
+    service_id: str
+    stream_id: int
+    connection_id: int
+
+    def __str__(self) -> str:
+        return f"{self.service_id or '-'}/{self.stream_id}/{self.connection_id}"
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceIdsReceived:
+    """The service announced the tunnel's service IDs (after every (re)connect)."""
+
+    service_ids: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class OpenLocal:
+    """Destination: connect to the endpoint mapped to ``conn.service_id``.
+
+    Report failure with :meth:`TunnelSession.connection_closed`; success needs no report.
+    DATA for the connection may arrive (as :class:`WriteLocal`) before the connect completes.
+    """
+
+    conn: ConnectionRef
+
+
+@dataclass(frozen=True, slots=True)
+class WriteLocal:
+    """Write ``data`` to the local connection."""
+
+    conn: ConnectionRef
+    data: bytes
+
+    def __repr__(self) -> str:
+        return f"WriteLocal({self.conn}, {len(self.data)} bytes)"
+
+
+@dataclass(frozen=True, slots=True)
+class CloseLocal:
+    """Close the local connection (after writing what is queued for it). The session forgot it."""
+
+    conn: ConnectionRef
+
+
+Action = ServiceIdsReceived | OpenLocal | WriteLocal | CloseLocal

@@ -1,0 +1,79 @@
+"""Tunnel frames: a 2-byte big-endian length, then one serialised :class:`Message`.
+
+Tunnel frames are only loosely coupled to WebSocket messages: one WebSocket message may carry
+several frames, or part of one. :class:`Decoder` buffers across WebSocket messages.
+"""
+
+from __future__ import annotations
+
+from proxy.protocol.errors import RemoteProtocolError
+from proxy.protocol.messages import MAX_MESSAGE, Message, from_wire, to_wire
+
+PREFIX = 2
+
+
+def encode(message: Message) -> bytes:
+    """One frame: length prefix + serialised message."""
+    wire = to_wire(message)
+    return len(wire).to_bytes(PREFIX, "big") + wire
+
+
+class Decoder:
+    """Incremental frame decoder.
+
+    ``max_message`` bounds what is buffered for one incomplete frame; a prefix announcing more
+    is rejected before any of its body is buffered. After a :class:`RemoteProtocolError` the
+    decoder is unusable (the byte stream has lost its framing).
+    """
+
+    def __init__(self, max_message: int = MAX_MESSAGE) -> None:
+        self._buffer = bytearray()
+        self._max = max_message
+        self._failed = False
+
+    @property
+    def buffered(self) -> int:
+        """Bytes held for a frame not yet complete."""
+        return len(self._buffer)
+
+    def feed(self, data: bytes) -> list[Message]:
+        """Add bytes; return every message they complete, in order.
+
+        Raises:
+            RemoteProtocolError: a frame is oversized, empty or undecodable (always fatal).
+        """
+        if self._failed:
+            raise RemoteProtocolError("decoder used after a framing error", fatal=True)
+        if self._buffer:
+            self._buffer += data
+            buf: bytes | bytearray = self._buffer
+        else:
+            buf = data
+        view = memoryview(buf)
+        messages: list[Message] = []
+        pos = 0
+        end = len(buf)
+        try:
+            while end - pos >= PREFIX:
+                size = (buf[pos] << 8) | buf[pos + 1]
+                if size == 0 or size > self._max:
+                    self._failed = True
+                    raise RemoteProtocolError(
+                        f"tunnel frame length {size} outside 1..{self._max}", fatal=True
+                    )
+                if end - pos - PREFIX < size:
+                    break
+                start = pos + PREFIX
+                pos = start + size
+                try:
+                    messages.append(from_wire(view[start:pos]))
+                except RemoteProtocolError:
+                    self._failed = True
+                    raise
+        finally:
+            view.release()
+        if buf is self._buffer:
+            del self._buffer[:pos]
+        elif pos < end:
+            self._buffer += data[pos:]
+        return messages
