@@ -1,0 +1,67 @@
+# iotunnel — the two commands a newcomer needs are `make demo` and `make test`.
+# Everything installs into ./.venv (pip) and, when running as root, Debian packages via apt-get.
+
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+# Debian packages the test suite drives for real (installed only when missing and root).
+SYSTEM_PACKAGES ?=
+
+.PHONY: help demo test lint typecheck unit venv system-deps proto bench clean
+
+help:
+	@echo "make demo   - run the whole tunnel on loopback with concurrent HTTP and echo traffic"
+	@echo "make test   - install what the tests need and run lint, types and the whole suite"
+	@echo "make bench  - run the benchmarks (bench/RESULTS.md)"
+	@echo "make proto  - regenerate proxy/protocol/_pb from Message.proto"
+
+$(BIN)/python:
+	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "Python >= 3.11 is required"'
+	@$(PYTHON) -m venv $(VENV) 2>/dev/null || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv && \
+	    $(PYTHON) -m venv $(VENV); \
+	  else echo "cannot create a venv: install python3-venv" >&2; exit 1; fi; }
+
+$(STAMP): $(BIN)/python pyproject.toml
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[test]'
+	@touch $@
+
+venv: $(STAMP)
+
+system-deps:
+	@missing=""; for p in $(SYSTEM_PACKAGES); do \
+	  dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing Debian packages:$$missing"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	  else echo "warning: missing Debian packages:$$missing (tests that need them are skipped)"; fi; \
+	fi
+
+lint: venv
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check proxy/protocol
+
+typecheck: venv
+	$(BIN)/mypy proxy service bench
+
+unit: venv
+	$(BIN)/pytest -q -m "not e2e"
+
+test: venv system-deps lint typecheck
+	$(BIN)/pytest -q -p no:cacheprovider
+
+demo: venv
+	$(BIN)/python -m bench.demo
+
+bench: venv
+	$(BIN)/python -m bench
+
+proto: venv
+	$(BIN)/python -m grpc_tools.protoc -I proxy/protocol --python_out=proxy/protocol/_pb proxy/protocol/Message.proto
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis .demo build *.egg-info

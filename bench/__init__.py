@@ -1,0 +1,1 @@
+"""Loopback harness, demo and benchmarks for iotunnel (not installed on devices)."""

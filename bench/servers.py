@@ -1,0 +1,92 @@
+"""Small real servers for the demo, the benchmarks and the end-to-end tests.
+
+``python -m bench.servers echo [--port N]`` runs a TCP echo server;
+``python -m bench.servers http --directory DIR [--port N]`` a threaded HTTP/1.1 file server.
+Each prints ``port N`` on stdout once it listens, then serves until SIGTERM/SIGINT.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import functools
+import http.server
+import signal
+import socket
+import sys
+import threading
+
+
+class _Echo(asyncio.Protocol):
+    """Echo with backpressure: stop reading while the peer does not read what we send."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        sock = transport.get_extra_info("socket")
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def data_received(self, data: bytes) -> None:
+        self.transport.write(data)
+
+    def pause_writing(self) -> None:
+        self.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        self.transport.resume_reading()
+
+
+async def serve_echo(host: str, port: int) -> None:
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(_Echo, host, port)
+    print(f"port {server.sockets[0].getsockname()[1]}", flush=True)
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    async with server:
+        await stop.wait()
+
+
+class _Handler(http.server.SimpleHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, format: str, *args: object) -> None:  # noqa: A002
+        pass
+
+
+def serve_http(host: str, port: int, directory: str) -> None:
+    handler = functools.partial(_Handler, directory=directory)
+    server = http.server.ThreadingHTTPServer((host, port), handler)
+    server.daemon_threads = True
+    print(f"port {server.server_address[1]}", flush=True)
+    stopper = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stopper.set())
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        stopper.wait()
+    except KeyboardInterrupt:
+        pass
+    server.shutdown()
+    server.server_close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.servers")
+    parser.add_argument("kind", choices=["echo", "http"])
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--directory", default=".")
+    args = parser.parse_args(argv)
+    if args.kind == "echo":
+        with contextlib.suppress(KeyboardInterrupt):
+            asyncio.run(serve_echo(args.host, args.port))
+    else:
+        serve_http(args.host, args.port, args.directory)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

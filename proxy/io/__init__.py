@@ -1,0 +1,1 @@
+"""The asyncio shell of the proxy: the only place that does I/O."""

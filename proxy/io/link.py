@@ -1,0 +1,142 @@
+"""The WebSocket link to the tunnel service: handshake, TLS, socket options, error mapping.
+
+This is the only module that imports websockets for the proxy; it maps the library's and the
+operating system's exceptions onto :mod:`proxy.errors`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import socket
+import ssl
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import InvalidHandshake, InvalidStatus, InvalidURI
+from websockets.typing import Subprotocol
+
+from proxy import __version__
+from proxy.errors import ConnectFailed, HandshakeRefused
+
+log = logging.getLogger("proxy.link")
+
+#: Subprotocols we offer, best first, and the protocol version each means.
+SUBPROTOCOLS: dict[str, int] = {
+    "aws.iot.securetunneling-3.0": 3,
+    "aws.iot.securetunneling-2.0": 2,
+    "aws.iot.securetunneling-1.0": 1,
+}
+#: The AWS service accepts WebSocket frames up to this size either way.
+MAX_WS_MESSAGE = 131076
+#: Unsent bytes the kernel may hold on the WebSocket socket before the writer blocks: small, so
+#: that the fair scheduler (not the kernel) decides what goes next.
+NOTSENT_LOWAT = 128 * 1024
+#: websockets' own write buffer high-water mark; keep it small for the same reason.
+WRITE_LIMIT = 64 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class LinkOptions:
+    """How to reach the service."""
+
+    url: str
+    access_token: str
+    client_token: str | None
+    ca_path: str | None
+    verify_host: bool
+    open_timeout: float
+    ping_interval: float
+
+
+def ssl_context(ca_path: str | None, verify_host: bool) -> ssl.SSLContext:
+    """TLS 1.2+ with certificate verification; ``ca_path`` is a CA file or a directory."""
+    if ca_path is None:
+        ctx = ssl.create_default_context()
+    elif ca_path.endswith("/") or _is_dir(ca_path):
+        ctx = ssl.create_default_context(capath=ca_path)
+    else:
+        ctx = ssl.create_default_context(cafile=ca_path)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    if not verify_host:
+        ctx.check_hostname = False
+    return ctx
+
+
+def _is_dir(path: str) -> bool:
+    import os
+
+    return os.path.isdir(path)
+
+
+@contextlib.contextmanager
+def map_exceptions() -> Iterator[None]:
+    """Translate handshake failures into HandshakeRefused (4xx) or ConnectFailed."""
+    try:
+        yield
+    except InvalidStatus as exc:
+        status = exc.response.status_code
+        reason = exc.response.reason_phrase
+        if 400 <= status < 500:
+            raise HandshakeRefused(status, reason) from None
+        raise ConnectFailed(f"the tunnel service answered HTTP {status} {reason}") from None
+    except InvalidURI as exc:
+        raise ConnectFailed(f"invalid service URL: {exc}") from None
+    except ssl.SSLCertVerificationError as exc:
+        raise ConnectFailed(f"TLS verification of the service failed: {exc.verify_message}") from None
+    except (OSError, TimeoutError, InvalidHandshake, EOFError) as exc:
+        text = str(exc) or type(exc).__name__
+        raise ConnectFailed(f"cannot reach the tunnel service: {text}") from None
+
+
+def tune_socket(sock: socket.socket | None) -> None:
+    """TCP_NODELAY (no Nagle stall on small messages), small unsent queue, keepalive."""
+    if sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    notsent = getattr(socket, "TCP_NOTSENT_LOWAT", 25)
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.IPPROTO_TCP, notsent, NOTSENT_LOWAT)
+
+
+async def open_link(options: LinkOptions) -> tuple[ClientConnection, int]:
+    """Connect and upgrade; returns the connection and the negotiated protocol version.
+
+    Raises:
+        HandshakeRefused: a 4xx answer (do not retry).
+        ConnectFailed: anything else (retry).
+    """
+    headers = {"access-token": options.access_token}
+    if options.client_token:
+        headers["client-token"] = options.client_token
+    secure = options.url.startswith("wss://")
+    with map_exceptions():
+        ws = await connect(
+            options.url,
+            additional_headers=headers,
+            subprotocols=[Subprotocol(s) for s in SUBPROTOCOLS],
+            ssl=ssl_context(options.ca_path, options.verify_host) if secure else None,
+            open_timeout=options.open_timeout,
+            ping_interval=options.ping_interval,
+            # The service may not answer pings while the peer is away: a missing pong alone is
+            # no reason to drop the tunnel (PROTOCOL.md "Keepalive").
+            ping_timeout=None,
+            close_timeout=5,
+            max_size=MAX_WS_MESSAGE,
+            max_queue=16,
+            write_limit=WRITE_LIMIT,
+            compression=None,
+            user_agent_header=f"iotunnel/{__version__}",
+            proxy=True,
+        )
+    tune_socket(ws.transport.get_extra_info("socket"))
+    version = SUBPROTOCOLS.get(ws.subprotocol or "", 1)
+    channel = ws.response.headers.get("channel-id") if ws.response else None
+    log.info(
+        "connected to the tunnel service (protocol %s%s)",
+        ws.subprotocol or "aws.iot.securetunneling-1.0",
+        f", channel-id {channel}" if channel else "",
+    )
+    return ws, version

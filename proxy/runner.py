@@ -1,0 +1,68 @@
+"""Run the proxy for validated settings: logging, signals, the event loop; returns the exit code.
+
+Exit codes: 0 the service closed the tunnel; 1 an unexpected internal error; 2 a usage or
+configuration error; 3 the service refused the handshake (bad, used or expired token: not
+retried); 4 gave up reaching the service; 130/143 interrupted by SIGINT/SIGTERM.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+
+from proxy.config import ProxySettings
+from proxy.io.tunnel import Tunnel
+from proxy.logs import configure, register_secrets
+
+log = logging.getLogger("proxy")
+
+EXIT_INTERNAL = 1
+_SIGNAL_EXIT = {signal.SIGINT: 130, signal.SIGTERM: 143}
+
+
+def run(settings: ProxySettings) -> int:
+    """Run a proxy until its tunnel ends."""
+    secrets = [settings.access_token.reveal()]
+    if settings.client_token is not None:
+        secrets.append(settings.client_token.reveal())
+    register_secrets(secrets)
+    configure(settings.verbosity)
+    if settings.access_token_from_argv:
+        log.warning(
+            "the access token was given with -t: other users can read a command line; "
+            "prefer the AWSIOT_TUNNEL_ACCESS_TOKEN environment variable"
+        )
+    if not settings.verify_host:
+        log.warning("TLS host name verification is off (-k)")
+    try:
+        return asyncio.run(_main(settings))
+    except Exception:
+        log.exception("internal error")
+        return EXIT_INTERNAL
+
+
+async def _main(settings: ProxySettings) -> int:
+    loop = asyncio.get_running_loop()
+    task = asyncio.current_task()
+    assert task is not None
+    received: list[signal.Signals] = []
+
+    def on_signal(sig: signal.Signals) -> None:
+        if not received:
+            log.info("received %s; closing the tunnel", sig.name)
+            received.append(sig)
+            task.cancel()
+
+    for sig in _SIGNAL_EXIT:
+        loop.add_signal_handler(sig, on_signal, sig)
+    log.info("starting in %s mode", settings.mode.value)
+    try:
+        return await Tunnel(settings).run()
+    except asyncio.CancelledError:
+        if received:
+            return _SIGNAL_EXIT[received[0]]
+        raise
+    finally:
+        for sig in _SIGNAL_EXIT:
+            loop.remove_signal_handler(sig)
