@@ -233,9 +233,15 @@ class Stack:
         ports: dict[str, int] = {}
         deadline = time.monotonic() + 20
         while set(services) - set(ports):
+            if time.monotonic() > deadline:
+                raise HarnessError(
+                    f"{name} did not listen for {sorted(set(services) - set(ports))}:\n"
+                    f"{proc.output()[-3000:]}"
+                )
             proc.wait_for(LISTENING_RE, timeout=max(0.1, deadline - time.monotonic()))
             for sid, where in LISTENING_RE.findall(proc.output()):
                 ports[sid] = int(where.rsplit(":", 1)[1])
+            time.sleep(0.02)
         return Source(proc, ports)
 
     def echo_server(self, name: str = "echo") -> tuple[Proc, int]:

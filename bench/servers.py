@@ -40,7 +40,7 @@ class _Echo(asyncio.Protocol):
 
 async def serve_echo(host: str, port: int) -> None:
     loop = asyncio.get_running_loop()
-    server = await loop.create_server(_Echo, host, port)
+    server = await loop.create_server(_Echo, host, port, backlog=1024)
     print(f"port {server.sockets[0].getsockname()[1]}", flush=True)
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -52,23 +52,27 @@ async def serve_echo(host: str, port: int) -> None:
 class _Handler(http.server.SimpleHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
 
-    def log_message(self, format: str, *args: object) -> None:  # noqa: A002
+    def log_message(self, format: str, *args: object) -> None:
         pass
+
+
+class _Server(http.server.ThreadingHTTPServer):
+    # The stdlib default backlog of 5 drops SYNs under a burst of connections; real servers
+    # (nginx: 511) do not.
+    request_queue_size = 512
 
 
 def serve_http(host: str, port: int, directory: str) -> None:
     handler = functools.partial(_Handler, directory=directory)
-    server = http.server.ThreadingHTTPServer((host, port), handler)
+    server = _Server((host, port), handler)
     server.daemon_threads = True
     print(f"port {server.server_address[1]}", flush=True)
     stopper = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stopper.set())
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
-    try:
+    with contextlib.suppress(KeyboardInterrupt):
         stopper.wait()
-    except KeyboardInterrupt:
-        pass
     server.shutdown()
     server.server_close()
 

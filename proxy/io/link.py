@@ -84,7 +84,9 @@ def map_exceptions() -> Iterator[None]:
     except InvalidURI as exc:
         raise ConnectFailed(f"invalid service URL: {exc}") from None
     except ssl.SSLCertVerificationError as exc:
-        raise ConnectFailed(f"TLS verification of the service failed: {exc.verify_message}") from None
+        raise ConnectFailed(
+            f"TLS verification of the service failed: {exc.verify_message}"
+        ) from None
     except (OSError, TimeoutError, InvalidHandshake, EOFError) as exc:
         text = str(exc) or type(exc).__name__
         raise ConnectFailed(f"cannot reach the tunnel service: {text}") from None

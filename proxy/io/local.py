@@ -14,6 +14,7 @@ import socket
 from collections.abc import Callable
 from typing import Protocol as TypingProtocol
 
+from proxy.config import Endpoint
 from proxy.protocol.actions import ConnectionRef
 
 
@@ -150,23 +151,24 @@ class LocalConnection(asyncio.Protocol):
 
 async def connect_local(
     factory: Callable[[], LocalConnection],
+    endpoint: Endpoint,
     *,
-    host: str | None,
-    port: int | None,
-    path: str | None,
-    timeout: float,
     happy_eyeballs_delay: float,
 ) -> None:
     """Connect a destination endpoint (TCP with Happy Eyeballs, or a Unix socket).
 
+    Callers bound the time with ``asyncio.timeout``.
+
     Raises:
-        OSError or TimeoutError: the endpoint could not be reached in time.
+        OSError: the endpoint could not be reached.
     """
     loop = asyncio.get_running_loop()
-    async with asyncio.timeout(timeout):
-        if path is not None:
-            await loop.create_unix_connection(factory, path)
-        else:
-            await loop.create_connection(
-                factory, host or "localhost", port, happy_eyeballs_delay=happy_eyeballs_delay
-            )
+    if endpoint.path is not None:
+        await loop.create_unix_connection(factory, endpoint.path)
+    else:
+        await loop.create_connection(
+            factory,
+            endpoint.host or "localhost",
+            endpoint.port or 0,
+            happy_eyeballs_delay=happy_eyeballs_delay,
+        )

@@ -198,8 +198,8 @@ class Tunnel:
                     await self._ensure_listeners()
                 while self._congested:
                     await self._congested.pop().wait_writable()
-        except ConnectionClosed:
-            received = ws.close_rcvd
+        except ConnectionClosed as exc:
+            received = exc.rcvd
             if received is not None and received.code == 1000:
                 log.info("the tunnel service closed the tunnel: %s", received.reason or "closed")
                 return True
@@ -313,7 +313,7 @@ class Tunnel:
                 where = endpoint.path
             else:
                 host = endpoint.host or self.settings.bind_address or "127.0.0.1"
-                server = await loop.create_server(factory, host, endpoint.port or 0)
+                server = await loop.create_server(factory, host, endpoint.port or 0, backlog=1024)
                 port = server.sockets[0].getsockname()[1]
                 where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         except OSError as exc:
@@ -350,9 +350,11 @@ class Tunnel:
         if ref is None:
             return
         chunk = self.tuning.read_chunk
-        pieces = [data] if len(data) <= chunk else [
-            data[i : i + chunk] for i in range(0, len(data), chunk)
-        ]
+        pieces = (
+            [data]
+            if len(data) <= chunk
+            else [data[i : i + chunk] for i in range(0, len(data), chunk)]
+        )
         for piece in pieces:
             frame = self.session.encode_data(ref, piece)
             if frame is None:
@@ -382,9 +384,7 @@ class Tunnel:
             self.session.connection_closed(ref)
             self._carry_out()
             return
-        conn = LocalConnection(
-            self, ref.service_id, ref, high_water=self.tuning.local_write_buffer
-        )
+        conn = LocalConnection(self, ref.service_id, ref, high_water=self.tuning.local_write_buffer)
         self.conns[ref] = conn
         task = asyncio.create_task(self._connect(conn, endpoint), name=f"proxy.connect[{ref}]")
         self._tasks.add(task)
@@ -393,14 +393,10 @@ class Tunnel:
     async def _connect(self, conn: LocalConnection, endpoint: Endpoint) -> None:
         t = self.tuning
         try:
-            await connect_local(
-                lambda: conn,
-                host=endpoint.host,
-                port=endpoint.port,
-                path=endpoint.path,
-                timeout=t.connect_timeout,
-                happy_eyeballs_delay=t.happy_eyeballs_delay,
-            )
+            async with asyncio.timeout(t.connect_timeout):
+                await connect_local(
+                    lambda: conn, endpoint, happy_eyeballs_delay=t.happy_eyeballs_delay
+                )
         except (OSError, TimeoutError) as exc:
             ref = conn.ref
             assert ref is not None

@@ -6,15 +6,22 @@ several frames, or part of one. :class:`Decoder` buffers across WebSocket messag
 
 from __future__ import annotations
 
-from proxy.protocol.errors import RemoteProtocolError
+from proxy.protocol.errors import LocalProtocolError, RemoteProtocolError
 from proxy.protocol.messages import MAX_MESSAGE, Message, from_wire, to_wire
 
 PREFIX = 2
 
 
 def encode(message: Message) -> bytes:
-    """One frame: length prefix + serialised message."""
+    """One frame: length prefix + serialised message.
+
+    Raises:
+        LocalProtocolError: the message cannot be framed (see :func:`to_wire`), or it
+            serialises to nothing (type UNKNOWN, every field default): a length of 0 is invalid.
+    """
     wire = to_wire(message)
+    if not wire:
+        raise LocalProtocolError("an empty message cannot be framed: length 0 is invalid")
     return len(wire).to_bytes(PREFIX, "big") + wire
 
 

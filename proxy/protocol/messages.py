@@ -86,15 +86,18 @@ def to_wire(message: Message) -> bytes:
     """
     if len(message.payload) > MAX_PAYLOAD:
         raise LocalProtocolError(f"payload of {len(message.payload)} bytes exceeds {MAX_PAYLOAD}")
-    pb = _pb.Message(
-        type=message.type,
-        streamId=message.stream_id,
-        ignorable=message.ignorable,
-        payload=message.payload,
-        serviceId=message.service_id,
-        availableServiceIds=message.available_service_ids,
-        connectionId=message.connection_id,
-    )
+    try:
+        pb = _pb.Message(
+            type=message.type,
+            streamId=message.stream_id,
+            ignorable=message.ignorable,
+            payload=message.payload,
+            serviceId=message.service_id,
+            availableServiceIds=message.available_service_ids,
+            connectionId=message.connection_id,
+        )
+    except (ValueError, TypeError) as exc:  # out-of-range id, unencodable string, wrong type
+        raise LocalProtocolError(f"unencodable message: {exc}") from exc
     wire: bytes = pb.SerializeToString()
     if len(wire) > MAX_MESSAGE:
         raise LocalProtocolError(f"message of {len(wire)} bytes exceeds {MAX_MESSAGE}")

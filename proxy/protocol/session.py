@@ -296,6 +296,7 @@ class TunnelSession:
     def reset(self) -> None:
         """The WebSocket is gone: every stream is invalid. Closes all local connections."""
         self._close_all()
+        self._out.clear()  # frames for the old WebSocket would name dead streams on the new one
         self._decoder = Decoder()
         self.service_ids = None
         self.broken = False

@@ -1,0 +1,40 @@
+"""Fixtures shared by every test directory.
+
+``MS`` is one millisecond of test timeout, in seconds, scaled by ``IOTUNNEL_TEST_TIMEOUT_FACTOR``
+(default 1) for slow machines: write a timeout as ``5000 * MS``. Tests never assert on timing;
+timeouts only stop a hung test.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+# pytest puts this directory on sys.path (for ``pki``), where tests/proxy and tests/service would
+# pass for packages named ``proxy`` and ``service``: put the repository root first, so that the
+# real packages win.
+_ROOT = str(Path(__file__).resolve().parent.parent)
+if _ROOT in sys.path:
+    sys.path.remove(_ROOT)
+sys.path.insert(0, _ROOT)
+
+from pki import PKI  # noqa: E402
+
+#: One millisecond of timeout, in seconds, scaled for slow machines.
+MS = 0.001 * float(os.environ.get("IOTUNNEL_TEST_TIMEOUT_FACTOR", "1"))
+
+
+@pytest.fixture(scope="session")
+def ms() -> float:
+    """:data:`MS`, for tests that cannot import this module."""
+    return MS
+
+
+@pytest.fixture(scope="session")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> PKI:
+    """A test CA with a loopback server certificate and a client certificate."""
+    directory: Path = tmp_path_factory.mktemp("pki")
+    return PKI.create(directory)

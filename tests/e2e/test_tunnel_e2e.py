@@ -1,0 +1,266 @@
+"""End to end: the service over TLS, a destination and a source proxy as real processes, real
+HTTP and echo servers behind them and real clients in front, all on loopback.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import signal
+import socket
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+from clients import echo_roundtrips, echo_transfer, http_get, recv_exactly, wait_closed
+
+from bench.harness import Stack, Tunnel, free_port, peak_rss_kib
+
+MiB = 1 << 20
+
+
+def test_http_and_interactive_stream_at_the_same_time(two_services, www: Path) -> None:
+    index = (www / "index.html").read_bytes()
+    errors: list[BaseException] = []
+
+    def browse() -> None:
+        try:
+            for _ in range(30):
+                assert http_get(two_services.http, "/index.html") == (200, index)
+        except BaseException as exc:
+            errors.append(exc)
+
+    browser = threading.Thread(target=browse)
+    browser.start()
+    assert echo_roundtrips(two_services.ssh, 300) == 300
+    browser.join(60)
+    assert not browser.is_alive()
+    assert not errors, errors
+
+
+def test_hundred_simultaneous_http_connections(two_services, www: Path) -> None:
+    blob = (www / "blob.bin").read_bytes()
+    barrier = threading.Barrier(100)
+
+    def fetch(_: int) -> tuple[int, bytes]:
+        barrier.wait(30)
+        return http_get(two_services.http, "/blob.bin")
+
+    with ThreadPoolExecutor(100) as pool:
+        results = list(pool.map(fetch, range(100)))
+    assert all(status == 200 for status, _ in results)
+    assert all(body == blob for _, body in results)
+
+
+def test_256_mib_both_ways_with_matching_sha256(two_services) -> None:
+    sent, received = echo_transfer(two_services.ssh, 256 * MiB, timeout=300)
+    assert sent == received
+
+
+def test_thousand_connections_on_one_tunnel(two_services) -> None:
+    socks = []
+    try:
+        for _ in range(1000):
+            sock = socket.create_connection(("127.0.0.1", two_services.ssh), timeout=30)
+            socks.append(sock)
+        for i, sock in enumerate(socks):
+            sock.sendall(i.to_bytes(4, "big"))
+        for i, sock in enumerate(socks):
+            assert recv_exactly(sock, 4) == i.to_bytes(4, "big")
+    finally:
+        for sock in socks:
+            sock.close()
+    assert echo_roundtrips(two_services.ssh, 5) == 5
+
+
+def test_unreachable_destination_resets_only_that_connection(stack: Stack, pki, www) -> None:
+    tunnel = Tunnel("down", ("HTTP1", "SSH1"))
+    _, port = stack.service([tunnel], cert=pki.server.cert, key=pki.server.key)
+    _, http_port = stack.http_server(www)
+    dead = free_port()
+    dst = stack.destination(
+        tunnel.destination_token, port, f"HTTP1={http_port},SSH1={dead}", ca=pki.ca.cert
+    )
+    src = stack.source(
+        tunnel.source_token, port, "HTTP1=0,SSH1=0", ["HTTP1", "SSH1"], ca=pki.ca.cert
+    )
+    # A long-lived (keep-alive) HTTP connection is open while the SSH1 connect fails.
+    keep = http.client.HTTPConnection("127.0.0.1", src.ports["HTTP1"], timeout=20)
+    try:
+        keep.request("GET", "/index.html")
+        assert keep.getresponse().read() == (www / "index.html").read_bytes()
+        with socket.create_connection(("127.0.0.1", src.ports["SSH1"]), timeout=20) as ssh:
+            ssh.sendall(b"hello?")
+            assert wait_closed(ssh) == b""
+        dst.wait_for("cannot connect to")
+        keep.request("GET", "/blob.bin")
+        assert keep.getresponse().read() == (www / "blob.bin").read_bytes()
+    finally:
+        keep.close()
+    assert http_get(src.ports["HTTP1"], "/index.html")[0] == 200
+
+
+def test_service_restart_both_proxies_reconnect(stack: Stack, pki) -> None:
+    tunnel = Tunnel("restart", ("SSH1",))
+    service, port = stack.service([tunnel], cert=pki.server.cert, key=pki.server.key)
+    _, echo_port = stack.echo_server()
+    dst = stack.destination(tunnel.destination_token, port, f"SSH1={echo_port}", ca=pki.ca.cert)
+    src = stack.source(tunnel.source_token, port, "SSH1=0", ["SSH1"], ca=pki.ca.cert)
+    assert echo_roundtrips(src.ports["SSH1"], 3) == 3
+
+    service.stop(signal.SIGKILL)
+    stack.service(
+        [tunnel], cert=pki.server.cert, key=pki.server.key, port=port, name="service-again"
+    )
+    for proc in (dst, src.proc):
+        proc.wait_for(r"(?s)connected to the tunnel service.*connected to the tunnel service", 60)
+    src.proc.wait_for(r"(?s)reconnecting.*the tunnel carries services", 60)
+    assert echo_roundtrips(src.ports["SSH1"], 3) == 3
+
+
+def test_service_closing_the_tunnel_makes_both_exit_0(
+    stack: Stack, pki, threaded_service_factory
+) -> None:
+    tunnel = Tunnel("closing", ("SSH1",))
+    service = threaded_service_factory([tunnel])
+    _, echo_port = stack.echo_server()
+    dst = stack.destination(
+        tunnel.destination_token, service.port, f"SSH1={echo_port}", ca=pki.ca.cert
+    )
+    src = stack.source(tunnel.source_token, service.port, "SSH1=0", ["SSH1"], ca=pki.ca.cert)
+    assert echo_roundtrips(src.ports["SSH1"], 2) == 2
+    service.call(service.service.close_tunnel("closing"))
+    assert dst.wait(30) == 0
+    assert src.proc.wait(30) == 0
+    assert "closed the tunnel" in dst.output()
+
+
+@pytest.mark.parametrize("version", ["V1", "V2"])
+def test_older_sources_talk_to_our_destination(stack: Stack, pki, version: str) -> None:
+    tunnel = Tunnel(f"old-{version}", ("SSH1",))
+    _, port = stack.service([tunnel], cert=pki.server.cert, key=pki.server.key)
+    _, echo_port = stack.echo_server()
+    stack.destination(tunnel.destination_token, port, f"SSH1={echo_port}", ca=pki.ca.cert)
+    mapping = "0" if version == "V1" else "SSH1=0"
+    expect = "SSH1"  # the service announces it; a V1 source still sends no service id
+    src = stack.source(
+        tunnel.source_token, port, mapping, [expect], ca=pki.ca.cert, extra=["-y", version]
+    )
+    assert echo_roundtrips(src.ports[expect], 20) == 20
+    # V1 and V2 carry one connection per service: a new one replaces the old.
+    assert echo_roundtrips(src.ports[expect], 5) == 5
+
+
+def test_service_without_a_destination_mapping_exits_2(stack: Stack, pki) -> None:
+    tunnel = Tunnel("unmapped", ("HTTP1", "SSH1"))
+    _, port = stack.service([tunnel], cert=pki.server.cert, key=pki.server.key)
+    argv = stack.proxy_argv("dst", port, ca=pki.ca.cert, verbosity=4, args=["-d", "HTTP1=80"])
+    proc = stack.start(
+        "destination", argv, env={"AWSIOT_TUNNEL_ACCESS_TOKEN": tunnel.destination_token}
+    )
+    assert proc.wait(30) == 2
+    assert "no destination mapping for service SSH1" in proc.output()
+    assert "Traceback" not in proc.output()
+
+
+def test_refused_token_exits_3_with_one_line(stack: Stack, pki) -> None:
+    tunnel = Tunnel("refused", ("SSH1",))
+    _, port = stack.service([tunnel], cert=pki.server.cert, key=pki.server.key)
+    argv = stack.proxy_argv("dst", port, ca=pki.ca.cert, verbosity=4, args=["-d", "SSH1=22"])
+    wrong = "x" * 40
+    proc = stack.start("destination", argv, env={"AWSIOT_TUNNEL_ACCESS_TOKEN": wrong})
+    assert proc.wait(30) == 3
+    assert "refused the connection: HTTP 4" in proc.output()
+    assert "Traceback" not in proc.output()
+    assert wrong not in proc.output()
+
+
+def test_unreachable_service_gives_up_with_exit_4(stack: Stack, tmp_path: Path) -> None:
+    settings = tmp_path / "settings.json"
+    settings.write_text(
+        json.dumps({"iotunnel.reconnect_attempts": 2, "iotunnel.reconnect_base": 0.05})
+    )
+    argv = stack.proxy_argv(
+        "dst",
+        free_port(),
+        ca=None,
+        verbosity=4,
+        args=["-d", "22", "--settings-json", str(settings)],
+    )
+    proc = stack.start("destination", argv, env={"AWSIOT_TUNNEL_ACCESS_TOKEN": "t" * 40})
+    assert proc.wait(60) == 4
+    assert "giving up after 3 attempts" in proc.output()
+
+
+def test_tokens_never_reach_logs_or_argv_at_trace_level(stack: Stack, pki, www) -> None:
+    tunnel = Tunnel("secret", ("HTTP1", "SSH1"))
+    _, port = stack.service([tunnel], cert=pki.server.cert, key=pki.server.key, extra=["-v"])
+    _, http_port = stack.http_server(www)
+    _, echo_port = stack.echo_server()
+    client_token = "c" * 8 + "-" + "d" * 31
+    dst = stack.destination(
+        tunnel.destination_token,
+        port,
+        f"HTTP1={http_port},SSH1={echo_port}",
+        ca=pki.ca.cert,
+        verbosity=6,
+        env={"AWSIOT_TUNNEL_CLIENT_TOKEN": client_token},
+    )
+    src = stack.source(
+        tunnel.source_token, port, "HTTP1=0,SSH1=0", ["HTTP1", "SSH1"], ca=pki.ca.cert, verbosity=6
+    )
+    assert http_get(src.ports["HTTP1"], "/index.html")[0] == 200
+    assert echo_roundtrips(src.ports["SSH1"], 3) == 3
+    secrets = (tunnel.source_token, tunnel.destination_token, client_token)
+    for proc in stack.procs:
+        cmdline = Path(f"/proc/{proc.pid}/cmdline").read_bytes().decode()
+        for secret in secrets:
+            assert secret not in cmdline
+    for proc in (dst, src.proc):
+        proc.stop()
+    assert "TRACE" in dst.output()
+    for proc in stack.procs:
+        for secret in secrets:
+            assert secret not in proc.output(), f"{proc.name} logged a token"
+
+
+def test_slow_reader_keeps_memory_bounded(two_services) -> None:
+    """A client that sends 96 MiB to the echo service without reading: backpressure must stop
+    it (bounded memory in every proxy), then everything arrives intact once it reads."""
+    total = 96 * MiB
+    with socket.create_connection(("127.0.0.1", two_services.ssh), timeout=60) as sock:
+        sock.setblocking(False)
+        block = b"z" * MiB
+        sent = 0
+        stalls = 0
+        import time
+
+        while sent < total and stalls < 200:
+            try:
+                sent += sock.send(block[: min(MiB, total - sent)])
+                stalls = 0
+            except BlockingIOError:
+                stalls += 1
+                time.sleep(0.01)
+        assert sent < total, "nothing pushed back on a client that does not read"
+        for proc in (two_services.destination, two_services.source.proc):
+            assert peak_rss_kib(proc.pid) < 128 * 1024, f"{proc.name} grew past 128 MiB"
+        # Now read everything back while sending the rest.
+        sock.setblocking(True)
+        received = 0
+        remaining = total - sent
+        while received < total:
+            if remaining:
+                sock.setblocking(False)
+                try:
+                    n = sock.send(block[: min(MiB, remaining)])
+                    remaining -= n
+                except BlockingIOError:
+                    pass
+                sock.setblocking(True)
+            chunk = sock.recv(1 << 20)
+            assert chunk, "connection closed early"
+            assert chunk == b"z" * len(chunk)
+            received += len(chunk)
+    assert echo_roundtrips(two_services.ssh, 3) == 3

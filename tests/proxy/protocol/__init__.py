@@ -1,0 +1,1 @@
+"""Tests of the sans-IO protocol core, :mod:`proxy.protocol`."""
