@@ -21,7 +21,7 @@ if _ROOT in sys.path:
     sys.path.remove(_ROOT)
 sys.path.insert(0, _ROOT)
 
-from pki import PKI  # noqa: E402
+from bench.pki import PKI  # noqa: E402
 
 #: One millisecond of timeout, in seconds, scaled for slow machines.
 MS = 0.001 * float(os.environ.get("IOTUNNEL_TEST_TIMEOUT_FACTOR", "1"))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import sys
 import threading
 from collections.abc import Iterator
 from concurrent.futures import Future
@@ -14,12 +13,9 @@ from typing import Any
 import pytest
 
 from bench.harness import Source, Stack, Tunnel
+from bench.pki import PKI
 
 _HERE = str(Path(__file__).resolve().parent)
-if _HERE not in sys.path:
-    sys.path.insert(0, _HERE)
-
-from pki import PKI  # noqa: E402
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

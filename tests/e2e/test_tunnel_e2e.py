@@ -13,8 +13,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from clients import echo_roundtrips, echo_transfer, http_get, recv_exactly, wait_closed
 
+from bench.clients import echo_roundtrips, echo_transfer, http_get, recv_exactly, wait_closed
 from bench.harness import Stack, Tunnel, free_port, peak_rss_kib
 
 MiB = 1 << 20
@@ -264,3 +264,36 @@ def test_slow_reader_keeps_memory_bounded(two_services) -> None:
             assert chunk == b"z" * len(chunk)
             received += len(chunk)
     assert echo_roundtrips(two_services.ssh, 3) == 3
+
+
+def test_through_an_https_proxy_with_basic_auth(stack: Stack, pki) -> None:
+    tunnel = Tunnel("proxied", ("SSH1",))
+    _, port = stack.service([tunnel], cert=pki.server.cert, key=pki.server.key)
+    _, echo_port = stack.echo_server()
+    script = str(Path(__file__).with_name("connect_proxy.py"))
+    connect = stack.start("connect-proxy", [stack.python, script, "operator:s3cret-pass"])
+    proxy_port = int(connect.wait_for(r"port (\d+)").group(1))
+    via = {"HTTPS_PROXY": f"http://operator:s3cret-pass@127.0.0.1:{proxy_port}", "NO_PROXY": ""}
+    dst = stack.destination(
+        tunnel.destination_token, port, f"SSH1={echo_port}", ca=pki.ca.cert, env=via
+    )
+    src = stack.source(tunnel.source_token, port, "SSH1=0", ["SSH1"], ca=pki.ca.cert, env=via)
+    assert echo_roundtrips(src.ports["SSH1"], 10) == 10
+    assert connect.output().count(f"CONNECT 127.0.0.1:{port}") == 2
+    for proc in (dst, src.proc):
+        assert "s3cret-pass" not in proc.output()
+
+    wrong = {"https_proxy": f"http://operator:b4d-pa55@127.0.0.1:{proxy_port}", "NO_PROXY": ""}
+    argv = stack.proxy_argv("dst", port, ca=pki.ca.cert, verbosity=4, args=["-d", "SSH1=22"])
+    settings = stack.workdir / "fast.json"
+    settings.write_text(
+        json.dumps({"iotunnel.reconnect_attempts": 1, "iotunnel.reconnect_base": 0.05})
+    )
+    refused = stack.start(
+        "refused",
+        [*argv, "--settings-json", str(settings)],
+        env={"AWSIOT_TUNNEL_ACCESS_TOKEN": tunnel.destination_token, **wrong},
+    )
+    assert refused.wait(30) == 4
+    assert "407" in refused.output()
+    assert "b4d-pa55" not in refused.output()

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import pytest
-from pki import PKI
 from service_harness import Harness
+
+from bench.pki import PKI
 
 
 @pytest.fixture

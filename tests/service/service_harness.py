@@ -13,10 +13,10 @@ from collections.abc import AsyncIterator, Awaitable, Iterable, Sequence
 from typing import Any, TypeVar
 
 import pytest
-from pki import PKI
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import InvalidStatus
 
+from bench.pki import PKI
 from proxy.protocol.framing import Decoder, encode
 from proxy.protocol.messages import Message
 from service.registry import Mode, TunnelRegistry

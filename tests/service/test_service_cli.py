@@ -13,10 +13,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from pki import PKI
 from service_harness import CLIENT_LOGGER, TOKENS, V3, Harness
 from websockets.asyncio.client import connect
 
+from bench.pki import PKI
 from proxy import __version__
 from proxy.protocol.framing import Decoder
 from proxy.protocol.messages import Message
