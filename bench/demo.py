@@ -101,7 +101,9 @@ def run(workdir: Path) -> int:
         times = _interactive(ssh1, 200)
         browser.join(120)
 
-    ok_download, rate = results.get("download", (False, 0.0))  # type: ignore[misc]
+    download = results.get("download", (False, 0.0))
+    assert isinstance(download, tuple)
+    ok_download, rate = download
     pages = results.get("pages", 0)
     p99 = sorted(times)[int(len(times) * 0.99) - 1]
     print("  traffic, at the same time through the one tunnel:")

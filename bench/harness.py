@@ -248,6 +248,10 @@ class Stack:
         proc = self.start(name, [self.python, "-m", "bench.servers", "echo"])
         return proc, int(proc.wait_for(r"port (\d+)").group(1))
 
+    def blob_server(self, name: str = "blob") -> tuple[Proc, int]:
+        proc = self.start(name, [self.python, "-m", "bench.servers", "blob"])
+        return proc, int(proc.wait_for(r"port (\d+)").group(1))
+
     def http_server(self, directory: Path, name: str = "http") -> tuple[Proc, int]:
         argv = [self.python, "-m", "bench.servers", "http", "--directory", str(directory)]
         proc = self.start(name, argv)

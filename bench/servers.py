@@ -1,7 +1,10 @@
 """Small real servers for the demo, the benchmarks and the end-to-end tests.
 
 ``python -m bench.servers echo [--port N]`` runs a TCP echo server;
-``python -m bench.servers http --directory DIR [--port N]`` a threaded HTTP/1.1 file server.
+``python -m bench.servers http --directory DIR [--port N]`` a threaded HTTP/1.1 file server;
+``python -m bench.servers blob [--port N]`` a bulk-transfer server: a client sends ``D`` or ``U``
+and an 8-byte big-endian count N; on ``D`` the server sends N bytes and closes, on ``U`` it reads
+N bytes and answers ``K``.
 Each prints ``port N`` on stdout once it listens, then serves until SIGTERM/SIGINT.
 """
 
@@ -16,14 +19,14 @@ import signal
 import socket
 import sys
 import threading
+from typing import cast
 
 
 class _Echo(asyncio.Protocol):
     """Echo with backpressure: stop reading while the peer does not read what we send."""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        self.transport = cast(asyncio.Transport, transport)
         sock = transport.get_extra_info("socket")
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -38,9 +41,43 @@ class _Echo(asyncio.Protocol):
         self.transport.resume_reading()
 
 
-async def serve_echo(host: str, port: int) -> None:
+_BLOCK = bytes(range(256)) * 4096  # 1 MiB
+
+
+async def _blob(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    sock = writer.get_extra_info("socket")
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    try:
+        head = await reader.readexactly(9)
+        count = int.from_bytes(head[1:], "big")
+        if head[:1] == b"D":
+            view = memoryview(_BLOCK)
+            while count > 0:
+                n = min(count, len(_BLOCK))
+                writer.write(view[:n])
+                count -= n
+                await writer.drain()
+        else:
+            while count > 0:
+                chunk = await reader.read(min(count, 1 << 20))
+                if not chunk:
+                    return
+                count -= len(chunk)
+            writer.write(b"K")
+            await writer.drain()
+    except (ConnectionError, asyncio.IncompleteReadError):
+        return
+    finally:
+        writer.close()
+
+
+async def serve_echo(host: str, port: int, kind: str = "echo") -> None:
     loop = asyncio.get_running_loop()
-    server = await loop.create_server(_Echo, host, port, backlog=1024)
+    if kind == "blob":
+        server = await asyncio.start_server(_blob, host, port, backlog=1024)
+    else:
+        server = await loop.create_server(_Echo, host, port, backlog=1024)
     print(f"port {server.sockets[0].getsockname()[1]}", flush=True)
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -79,14 +116,14 @@ def serve_http(host: str, port: int, directory: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.servers")
-    parser.add_argument("kind", choices=["echo", "http"])
+    parser.add_argument("kind", choices=["echo", "http", "blob"])
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--directory", default=".")
     args = parser.parse_args(argv)
-    if args.kind == "echo":
+    if args.kind in ("echo", "blob"):
         with contextlib.suppress(KeyboardInterrupt):
-            asyncio.run(serve_echo(args.host, args.port))
+            asyncio.run(serve_echo(args.host, args.port, args.kind))
     else:
         serve_http(args.host, args.port, args.directory)
     return 0

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 from proxy.config import ProxySettings
 from proxy.io.tunnel import Tunnel
@@ -36,10 +39,26 @@ def run(settings: ProxySettings) -> int:
     if not settings.verify_host:
         log.warning("TLS host name verification is off (-k)")
     try:
-        return asyncio.run(_main(settings))
+        return _event_loop_runner()(_main(settings))
     except Exception:
         log.exception("internal error")
         return EXIT_INTERNAL
+
+
+def _event_loop_runner() -> Callable[[Coroutine[Any, Any, int]], int]:
+    """asyncio's loop, or uvloop with ``IOTUNNEL_EVENT_LOOP=uvloop`` (the ``speed`` extra).
+
+    uvloop moves more bytes per CPU second (bench/RESULTS.md) but connects destinations
+    without Happy Eyeballs, so it is opt-in.
+    """
+    if os.environ.get("IOTUNNEL_EVENT_LOOP") == "uvloop":
+        try:
+            import uvloop
+        except ImportError:
+            log.warning("IOTUNNEL_EVENT_LOOP=uvloop, but uvloop is not installed")
+        else:
+            return uvloop.run
+    return asyncio.run
 
 
 async def _main(settings: ProxySettings) -> int:

@@ -13,9 +13,10 @@ from pathlib import Path
 
 import pytest
 
-# pytest puts this directory on sys.path (for ``pki``), where tests/proxy and tests/service would
-# pass for packages named ``proxy`` and ``service``: put the repository root first, so that the
-# real packages win.
+# pytest puts this directory on sys.path (this conftest has no package), where tests/proxy and
+# tests/service would pass for packages named ``proxy`` and ``service``; and the repository root
+# is not on sys.path under the ``pytest`` script. Put the root first, so that the real packages
+# (and ``bench``) win.
 _ROOT = str(Path(__file__).resolve().parent.parent)
 if _ROOT in sys.path:
     sys.path.remove(_ROOT)

@@ -30,11 +30,18 @@ SUBPROTOCOLS: dict[str, int] = {
 }
 #: The AWS service accepts WebSocket frames up to this size either way.
 MAX_WS_MESSAGE = 131076
-#: Unsent bytes the kernel may hold on the WebSocket socket before the writer blocks: small, so
-#: that the fair scheduler (not the kernel) decides what goes next.
-NOTSENT_LOWAT = 128 * 1024
-#: websockets' own write buffer high-water mark; keep it small for the same reason.
-WRITE_LIMIT = 64 * 1024
+# Queues below the fair scheduler are kept small, so that it (not a FIFO buffer) decides what
+# goes next: a keystroke then waits behind little bulk data. Measured with bench scenario 4
+# (bench/RESULTS.md); at the AWS per-tunnel cap of hundreds of KB/s these sizes still leave
+# the link, not the buffers, as the limit.
+#: Unsent bytes the kernel may hold on the WebSocket socket before a send blocks.
+NOTSENT_LOWAT = 16 * 1024
+#: The kernel's receive buffer for the WebSocket socket (autotuning would grow it to MBs).
+RECEIVE_BUFFER = 128 * 1024
+#: websockets' own write buffer high-water mark.
+WRITE_LIMIT = 16 * 1024
+#: WebSocket messages websockets may hold received but not yet read by the tunnel.
+MAX_QUEUE = 2
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,11 +100,12 @@ def map_exceptions() -> Iterator[None]:
 
 
 def tune_socket(sock: socket.socket | None) -> None:
-    """TCP_NODELAY (no Nagle stall on small messages), small unsent queue, keepalive."""
+    """TCP_NODELAY (no Nagle stall on small messages), small queues, keepalive."""
     if sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
         return
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RECEIVE_BUFFER)
     notsent = getattr(socket, "TCP_NOTSENT_LOWAT", 25)
     with contextlib.suppress(OSError):
         sock.setsockopt(socket.IPPROTO_TCP, notsent, NOTSENT_LOWAT)
@@ -127,7 +135,7 @@ async def open_link(options: LinkOptions) -> tuple[ClientConnection, int]:
             ping_timeout=None,
             close_timeout=5,
             max_size=MAX_WS_MESSAGE,
-            max_queue=16,
+            max_queue=MAX_QUEUE,
             write_limit=WRITE_LIMIT,
             compression=None,
             user_agent_header=f"iotunnel/{__version__}",

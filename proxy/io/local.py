@@ -13,6 +13,7 @@ import contextlib
 import socket
 from collections.abc import Callable
 from typing import Protocol as TypingProtocol
+from typing import cast
 
 from proxy.config import Endpoint
 from proxy.protocol.actions import ConnectionRef
@@ -53,7 +54,8 @@ class LocalConnection(asyncio.Protocol):
     # ------------------------------------------------------------ asyncio.Protocol
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
+        # uvloop's transports implement asyncio.Transport without subclassing it.
+        transport = cast(asyncio.Transport, transport)
         self.transport = transport
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
@@ -165,10 +167,10 @@ async def connect_local(
     loop = asyncio.get_running_loop()
     if endpoint.path is not None:
         await loop.create_unix_connection(factory, endpoint.path)
-    else:
-        await loop.create_connection(
-            factory,
-            endpoint.host or "localhost",
-            endpoint.port or 0,
-            happy_eyeballs_delay=happy_eyeballs_delay,
-        )
+        return
+    host, port = endpoint.host or "localhost", endpoint.port or 0
+    if isinstance(loop, asyncio.BaseEventLoop):
+        # asyncio's own loop races the addresses (Happy Eyeballs, RFC 8305).
+        await loop.create_connection(factory, host, port, happy_eyeballs_delay=happy_eyeballs_delay)
+    else:  # uvloop has no Happy Eyeballs: it tries the addresses in turn.
+        await loop.create_connection(factory, host, port)

@@ -1,0 +1,18 @@
+"""iotunnel-agent: the always-on device agent of AWS IoT Secure Tunneling.
+
+It keeps one MQTT connection to AWS IoT Core (or any broker with client certificates), listens on
+``$aws/things/<thing>/tunnels/notify``, and runs one destination-mode proxy process per tunnel.
+
+Modules, pure first::
+
+    config       agent.ini + IOTUNNEL_* + flags -> AgentSettings (ConfigError -> exit 2)
+    topics       topic names and thing-name rules
+    notify       MQTT payload -> Notification, or a Rejection that says why
+    supervisor   pure policy: notifications and child exits in, start/stop/restart actions out
+    logs         journald-style one-line records, tunnel tags, secret redaction
+    systemd      sd_notify client: READY/STATUS/WATCHDOG/STOPPING; no-op off systemd
+    mqtt         awsiotsdk MQTT5 adapter; CRT callbacks marshalled onto the event loop
+    proxy_runner one child proxy process: spawn, re-log its output, stop
+    daemon       the event loop: wires them together, carries out the supervisor's actions
+    cli          ``iotunnel-agent`` / ``python -m agent``
+"""

@@ -1,0 +1,490 @@
+"""The agent's settings: ``agent.ini``, ``IOTUNNEL_*`` variables and flags -> :class:`AgentSettings`.
+
+Every key lives in the ``[agent]`` section of the settings file (``/etc/iotunnel/agent.ini`` by
+default; ``--config FILE`` or ``IOTUNNEL_CONFIG`` name another). Each key can be overridden by
+an environment variable (``IOTUNNEL_`` + the key in capitals) and by a flag (``--`` + the key
+with dashes): ``port`` is ``IOTUNNEL_PORT`` and ``--port``. Precedence, highest first: flag,
+environment, file, default. An empty value means "not set".
+
+Values are checked once, here: a bad one raises :class:`ConfigError` with one line that names
+where it came from (``agent.ini:7: port``, ``IOTUNNEL_PORT``, ``--port``). The file holds paths,
+never secrets, so values may be quoted in messages. Relative paths in the file are relative to
+the file's directory; on the command line and in the environment, to the working directory.
+Nothing here reads ``os.environ``: the environment is an argument.
+"""
+
+from __future__ import annotations
+
+import argparse
+import configparser
+import ipaddress
+import logging
+import os
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple, NoReturn, TypeVar
+
+from agent.topics import THING_NAME_RE, notify_topic
+from proxy import __version__
+from proxy import config as proxy_config
+from proxy.config import Mode, read_mapping_dir
+from proxy.errors import ConfigError as ProxyConfigError
+
+__all__ = [
+    "DEFAULT_CONFIG",
+    "DEFAULT_MAPPING_DIR",
+    "ENV_CONFIG",
+    "KEYS",
+    "PROG",
+    "AgentSettings",
+    "CliExit",
+    "ConfigError",
+    "load",
+]
+
+PROG = "iotunnel-agent"
+#: The settings file read when neither ``--config`` nor ``IOTUNNEL_CONFIG`` names one.
+DEFAULT_CONFIG = "/etc/iotunnel/agent.ini"
+#: The service-ID mapping directory handed to every destination proxy.
+DEFAULT_MAPPING_DIR = "/etc/iotunnel/destination.d"
+ENV_CONFIG = "IOTUNNEL_CONFIG"
+ENV_PREFIX = "IOTUNNEL_"
+SECTION = "agent"
+
+_HOST_RE = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_.-]*[A-Za-z0-9_])?")
+_CLIENT_ID_RE = re.compile(r"[\x21-\x7e]{1,128}")
+_T = TypeVar("_T")
+_LEVELS = {
+    "debug": logging.DEBUG,
+    "info": logging.INFO,
+    "warning": logging.WARNING,
+    "error": logging.ERROR,
+}
+
+
+class ConfigError(Exception):
+    """A bad setting; the one-line message names the key and where it was set."""
+
+
+@dataclass(frozen=True, slots=True)
+class AgentSettings:
+    """Everything the agent needs, validated.
+
+    Attributes:
+        endpoint: The MQTT broker: the AWS IoT Core data endpoint, or a host name or address.
+        port: The broker's MQTT-over-TLS port.
+        client_id: The MQTT client id.
+        thing_name: The thing whose notifications are received (defaults to ``client_id``).
+        cert: The device certificate (PEM).
+        key: The device certificate's private key (PEM).
+        root_ca: CA certificates that verify the broker, or ``None`` for the system's.
+        mapping_dir: The service-ID mapping directory (``--config-dir`` of every proxy).
+        tunnel_endpoint: The tunnel service to use instead of the notification's region
+            (``-e`` of every proxy), as given; ``None`` for AWS.
+        tunnel_ca: CA certificates that verify the tunnel service (``-c``), or ``None``.
+        max_tunnels: How many tunnels may run at once.
+        log_level: A :mod:`logging` level.
+        config_file: The settings file that was read, if any.
+    """
+
+    endpoint: str
+    port: int
+    client_id: str
+    thing_name: str
+    cert: Path
+    key: Path
+    root_ca: Path | None
+    mapping_dir: Path
+    tunnel_endpoint: str | None
+    tunnel_ca: Path | None
+    max_tunnels: int
+    log_level: int
+    config_file: Path | None
+
+    @property
+    def topic(self) -> str:
+        """The notification topic of :attr:`thing_name`."""
+        return notify_topic(self.thing_name)
+
+
+@dataclass(frozen=True, slots=True)
+class CliExit:
+    """Not a run: print ``output`` and exit with ``code`` (``--help``, ``--version``, ``--check``)."""
+
+    code: int
+    output: str
+
+
+class _Key(NamedTuple):
+    """One setting: its name in the file, its default (as text) and its help."""
+
+    name: str
+    metavar: str
+    help: str
+    default: str | None = None
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+    @property
+    def variable(self) -> str:
+        return ENV_PREFIX + self.name.upper()
+
+
+#: Every key of the ``[agent]`` section, in the order of ``config/agent.ini``.
+KEYS: tuple[_Key, ...] = (
+    _Key("endpoint", "HOST", "MQTT broker: the AWS IoT Core data endpoint (required)"),
+    _Key("port", "PORT", "MQTT over TLS port of the broker", "8883"),
+    _Key("client_id", "ID", "MQTT client id (required)"),
+    _Key("thing_name", "NAME", "thing whose tunnel notifications to receive (default: client_id)"),
+    _Key("cert", "FILE", "device certificate, PEM (required)"),
+    _Key("key", "FILE", "private key of the device certificate, PEM (required)"),
+    _Key("root_ca", "FILE", "CA certificates of the broker, PEM (default: the system's)"),
+    _Key("mapping_dir", "DIR", "service-ID mapping directory", DEFAULT_MAPPING_DIR),
+    _Key("tunnel_endpoint", "URL", "tunnel service instead of the notified region (self-hosted)"),
+    _Key("tunnel_ca", "FILE", "CA certificates of the tunnel service (with tunnel_endpoint)"),
+    _Key("max_tunnels", "N", "tunnels (destination proxies) at once, 1..64", "4"),
+    _Key("log_level", "LEVEL", "debug, info, warning or error", "info"),
+)
+_KEYS_BY_NAME = {key.name: key for key in KEYS}
+
+
+class _Given(NamedTuple):
+    """A value as written, where it came from, and what relative paths are relative to."""
+
+    value: str
+    origin: str
+    base: Path
+
+
+def _fail(given: _Given, problem: str) -> NoReturn:
+    raise ConfigError(f"{given.origin}: {given.value.strip()!r}: {problem}")
+
+
+# --------------------------------------------------------------------------- converters
+
+
+def _host(given: _Given) -> str:
+    text = given.value.strip()
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        if not _HOST_RE.fullmatch(text):
+            _fail(given, "not a host name or IP address")
+    return text
+
+
+def _port(given: _Given) -> int:
+    text = given.value.strip()
+    if not text.isdigit() or not 1 <= int(text) <= 65535:
+        _fail(given, "a port is 1..65535")
+    return int(text)
+
+
+def _client_id(given: _Given) -> str:
+    text = given.value.strip()
+    if not _CLIENT_ID_RE.fullmatch(text):
+        _fail(given, "a client id is 1..128 printable ASCII characters without spaces")
+    return text
+
+
+def _thing_name(given: _Given) -> str:
+    text = given.value.strip()
+    if not THING_NAME_RE.fullmatch(text):
+        _fail(given, "a thing name is 1..128 characters of a-z, A-Z, 0-9, ':', '_' and '-'")
+    return text
+
+
+def _path(given: _Given) -> Path:
+    return Path(os.path.abspath(given.base / given.value.strip()))
+
+
+def _readable_file(given: _Given) -> Path:
+    path = _path(given)
+    if not path.is_file():
+        _fail(given, "no such file" if not path.exists() else "not a regular file")
+    try:
+        with path.open("rb"):
+            pass
+    except OSError as exc:
+        _fail(given, f"cannot read: {exc.strerror or exc}")
+    return path
+
+
+def _ca(given: _Given) -> Path:
+    """A CA bundle file, or a directory of CA certificates."""
+    path = _path(given)
+    if path.is_dir():
+        return path
+    return _readable_file(given)
+
+
+def _mapping_dir(given: _Given) -> Path:
+    path = _path(given)
+    if not path.is_dir():
+        _fail(given, "not a directory")
+    try:
+        mappings = read_mapping_dir(path, mode=Mode.DESTINATION)
+    except ProxyConfigError as exc:
+        raise ConfigError(f"{given.origin}: {exc}") from None
+    if not mappings:
+        _fail(given, "no 'SERVICE_ID = endpoint' line in any file")
+    return path
+
+
+def _tunnel_endpoint(given: _Given) -> str:
+    """Checked by the proxy's own parser, so that every proxy the agent starts accepts it."""
+    text = given.value.strip()
+    argv = ["-m", "dst", "-e", text, "-d", "1"]
+    try:
+        proxy_config.load(argv, {proxy_config.ENV_ACCESS_TOKEN: "check"}, Path("/"))
+    except ProxyConfigError as exc:
+        problem = str(exc).removeprefix("-e: ").removeprefix(f"{text!r}: ")
+        _fail(given, problem)
+    return text
+
+
+def _max_tunnels(given: _Given) -> int:
+    text = given.value.strip()
+    if not text.isdigit() or not 1 <= int(text) <= 64:
+        _fail(given, "expected a number 1..64")
+    return int(text)
+
+
+def _log_level(given: _Given) -> int:
+    text = given.value.strip().lower()
+    if text not in _LEVELS:
+        _fail(given, f"expected one of {', '.join(_LEVELS)}")
+    return _LEVELS[text]
+
+
+# --------------------------------------------------------------------------- sources
+
+
+class _UsageError(Exception):
+    """A bad command line."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """Reports errors through :class:`ConfigError` instead of exiting."""
+
+    def error(self, message: str) -> NoReturn:
+        raise _UsageError(message)
+
+
+def _build_parser() -> _Parser:
+    parser = _Parser(
+        prog=PROG,
+        add_help=False,
+        description=(
+            "Device agent of AWS IoT Secure Tunneling: receives tunnel notifications over MQTT "
+            "and runs one destination-mode proxy per tunnel."
+        ),
+        epilog=(
+            f"Every setting can also be given in the [agent] section of the settings file and "
+            f"as an {ENV_PREFIX}<KEY> environment variable (e.g. {ENV_PREFIX}PORT). "
+            "Precedence: flag, environment, file, default."
+        ),
+    )
+    parser.add_argument("-h", "--help", action="store_true", help="show this help and exit")
+    parser.add_argument("-V", "--version", action="store_true", help="show the version and exit")
+    parser.add_argument(
+        "--config",
+        metavar="FILE",
+        help=f"settings file (default: ${ENV_CONFIG}, else {DEFAULT_CONFIG})",
+    )
+    parser.add_argument(
+        "--check", action="store_true", help="check the settings, print a summary and exit"
+    )
+    for key in KEYS:
+        suffix = f" (default: {key.default})" if key.default else ""
+        parser.add_argument(key.flag, dest=key.name, metavar=key.metavar, help=key.help + suffix)
+    return parser
+
+
+def _section_lines(lines: Sequence[str]) -> dict[tuple[str, str], int]:
+    """``(section, key) -> line number`` of the first line that sets each key."""
+    found: dict[tuple[str, str], int] = {}
+    section = ""
+    for number, raw in enumerate(lines, 1):
+        line = raw.strip()
+        if not line or line[0] in "#;":
+            continue
+        if line.startswith("[") and line.endswith("]"):
+            section = line[1:-1].strip()
+            found.setdefault((section, ""), number)
+        elif "=" in line:
+            found.setdefault((section, line.partition("=")[0].strip().lower()), number)
+    return found
+
+
+def _read_file(path: Path, display: str) -> dict[str, _Given]:
+    """Read the ``[agent]`` section of a settings file; unknown sections and keys are errors."""
+    try:
+        text = path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError:
+        raise ConfigError(f"{display}: not UTF-8 text") from None
+    except OSError as exc:
+        raise ConfigError(f"{display}: {exc.strerror or exc}") from None
+    lines = text.splitlines()
+    parser = configparser.ConfigParser(
+        delimiters=("=",),
+        comment_prefixes=("#", ";"),
+        inline_comment_prefixes=None,
+        strict=True,
+        empty_lines_in_values=False,
+        interpolation=None,
+        default_section="\0",  # no magic [DEFAULT]: it is an unknown section like any other
+    )
+    try:
+        parser.read_string(text, source=display)
+    except configparser.MissingSectionHeaderError as exc:
+        raise ConfigError(f"{display}:{exc.lineno}: expected [{SECTION}] before the first key")
+    except configparser.DuplicateSectionError as exc:
+        raise ConfigError(f"{display}:{exc.lineno}: section [{exc.section}] appears twice")
+    except configparser.DuplicateOptionError as exc:
+        raise ConfigError(f"{display}:{exc.lineno}: {exc.option} is set twice") from None
+    except configparser.ParsingError as exc:
+        number = exc.errors[0][0]
+        raise ConfigError(f"{display}:{number}: expected 'key = value'") from None
+    where = _section_lines(lines)
+    for section in parser.sections():
+        if section != SECTION:
+            line = where.get((section, ""), 1)
+            raise ConfigError(f"{display}:{line}: unknown section [{section}] (expected [agent])")
+    given: dict[str, _Given] = {}
+    if not parser.has_section(SECTION):
+        return given
+    for name, value in parser.items(SECTION):
+        line = where.get((SECTION, name), 1)
+        if name not in _KEYS_BY_NAME:
+            raise ConfigError(f"{display}:{line}: unknown key {name!r}")
+        if value.strip():
+            given[name] = _Given(value, f"{display}:{line}: {name}", path.parent)
+    return given
+
+
+def _environment(environ: Mapping[str, str], cwd: Path) -> dict[str, _Given]:
+    return {
+        key.name: _Given(environ[key.variable], key.variable, cwd)
+        for key in KEYS
+        if environ.get(key.variable, "").strip()
+    }
+
+
+def _command_line(namespace: argparse.Namespace, cwd: Path) -> dict[str, _Given]:
+    given: dict[str, _Given] = {}
+    for key in KEYS:
+        value = getattr(namespace, key.name)
+        if value is not None and value.strip():
+            given[key.name] = _Given(value, key.flag, cwd)
+    return given
+
+
+def _settings_file(
+    namespace: argparse.Namespace, environ: Mapping[str, str], cwd: Path
+) -> tuple[Path | None, dict[str, _Given]]:
+    if namespace.config is not None:
+        path, display = cwd / namespace.config, namespace.config
+    elif environ.get(ENV_CONFIG, "").strip():
+        path, display = cwd / environ[ENV_CONFIG].strip(), environ[ENV_CONFIG].strip()
+    else:
+        path, display = Path(DEFAULT_CONFIG), DEFAULT_CONFIG
+        if not path.exists():
+            return None, {}  # flags and variables alone are fine
+    return Path(os.path.abspath(path)), _read_file(path, display)
+
+
+# --------------------------------------------------------------------------- load
+
+
+def _summary(settings: AgentSettings) -> str:
+    service = settings.tunnel_endpoint or "the notified AWS region"
+    return (
+        f"{PROG}: configuration OK: {settings.client_id} at {settings.endpoint}:{settings.port}, "
+        f"topic {settings.topic}, mappings in {settings.mapping_dir}, tunnels via {service}, "
+        f"at most {settings.max_tunnels} at once\n"
+    )
+
+
+def load(
+    argv: Sequence[str], environ: Mapping[str, str], cwd: Path | None = None
+) -> AgentSettings | CliExit:
+    """Parse the agent's settings.
+
+    Args:
+        argv: The command-line arguments, without the program name.
+        environ: The environment (``IOTUNNEL_*`` variables are read).
+        cwd: What relative paths on the command line and in the environment are relative to.
+
+    Returns:
+        The settings, or a :class:`CliExit` for ``--help``, ``--version`` and ``--check``.
+
+    Raises:
+        ConfigError: A setting is missing or wrong.
+    """
+    base = Path.cwd() if cwd is None else cwd
+    parser = _build_parser()
+    try:
+        namespace = parser.parse_args(list(argv))
+    except _UsageError as exc:
+        raise ConfigError(str(exc)) from None
+    if namespace.help:
+        return CliExit(0, parser.format_help())
+    if namespace.version:
+        return CliExit(0, f"{PROG} {__version__}\n")
+    config_file, from_file = _settings_file(namespace, environ, base)
+    layers = [_command_line(namespace, base), _environment(environ, base), from_file]
+
+    def given(name: str) -> _Given | None:
+        for layer in layers:
+            if name in layer:
+                return layer[name]
+        key = _KEYS_BY_NAME[name]
+        if key.default is not None:
+            return _Given(key.default, f"{name} (default)", base)
+        return None
+
+    def required(name: str, convert: Callable[[_Given], _T]) -> _T:
+        found = given(name)
+        if found is None:
+            key = _KEYS_BY_NAME[name]
+            raise ConfigError(
+                f"{name} is not set: add '{name} = ...' to [{SECTION}] of the settings file, "
+                f"or set {key.variable} or {key.flag}"
+            )
+        return convert(found)
+
+    def optional(name: str, convert: Callable[[_Given], _T]) -> _T | None:
+        found = given(name)
+        return None if found is None else convert(found)
+
+    client_id = required("client_id", _client_id)
+    thing = given("thing_name")
+    if thing is None:
+        thing = _Given(client_id, "thing_name (default: client_id)", base)
+    tunnel_endpoint = optional("tunnel_endpoint", _tunnel_endpoint)
+    tunnel_ca = optional("tunnel_ca", _ca)
+    if tunnel_ca is not None and tunnel_endpoint is None:
+        raise ConfigError("tunnel_ca is set but tunnel_endpoint is not: it would not be used")
+    settings = AgentSettings(
+        endpoint=required("endpoint", _host),
+        port=required("port", _port),
+        client_id=client_id,
+        thing_name=_thing_name(thing),
+        cert=required("cert", _readable_file),
+        key=required("key", _readable_file),
+        root_ca=optional("root_ca", _ca),
+        mapping_dir=required("mapping_dir", _mapping_dir),
+        tunnel_endpoint=tunnel_endpoint,
+        tunnel_ca=tunnel_ca,
+        max_tunnels=required("max_tunnels", _max_tunnels),
+        log_level=required("log_level", _log_level),
+        config_file=config_file,
+    )
+    if namespace.check:
+        return CliExit(0, _summary(settings))
+    return settings

@@ -1,0 +1,129 @@
+"""Pure: a tunnel notification's MQTT payload -> :class:`Notification`, or a :class:`Rejection`.
+
+AWS IoT publishes on ``$aws/things/<thing>/tunnels/notify``::
+
+    {"clientAccessToken": "...", "clientMode": "destination", "region": "us-east-1",
+     "services": ["HTTP1", "SSH1"]}
+
+A notification is accepted only for ``clientMode == "destination"``, with a non-empty token and
+region, and with only services that the local mapping directory maps. A rejection's reason is
+safe to log: it never contains the token, and quotes other fields only shortened.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Collection
+from dataclasses import dataclass
+
+from proxy.config import Secret
+from proxy.protocol.messages import SERVICE_ID_RE
+
+__all__ = ["MAX_PAYLOAD", "Notification", "Rejection", "parse"]
+
+#: Larger payloads are rejected unread; a real one is about a kilobyte.
+MAX_PAYLOAD = 16 * 1024
+_REGION_RE = re.compile(r"[a-z0-9]+(?:-[a-z0-9]+)*")
+_HEADER_SAFE_RE = re.compile(r"[\x21-\x7e]+")
+_MAX_TOKEN = 8192
+_MAX_SERVICES = 16
+_SHOWN = 40
+
+
+@dataclass(frozen=True, slots=True)
+class Notification:
+    """An accepted destination notification.
+
+    Attributes:
+        token: The destination access token.
+        region: The AWS region of the tunnel.
+        services: The tunnel's service IDs, in the order given, without repeats.
+    """
+
+    token: Secret
+    region: str
+    services: tuple[str, ...]
+
+    @property
+    def service_set(self) -> frozenset[str]:
+        """The services as a set: two notifications for the same set are the same tunnel's."""
+        return frozenset(self.services)
+
+    def fingerprint(self) -> bytes:
+        """A digest of all four fields: equal for an exact duplicate, never shown in logs."""
+        text = "\0".join(["destination", self.token.reveal(), self.region, *self.services])
+        return hashlib.sha256(text.encode()).digest()
+
+    def describe(self) -> str:
+        """Services and region, for logs (no token)."""
+        return f"{', '.join(self.services)} (region {self.region})"
+
+
+@dataclass(frozen=True, slots=True)
+class Rejection:
+    """A notification that was dropped, and why (safe to log)."""
+
+    reason: str
+
+
+def _shown(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= _SHOWN else text[: _SHOWN - 3] + "..."
+
+
+def parse(payload: bytes, mapped: Collection[str], *, mapping_dir: str = "") -> Notification | Rejection:
+    """Validate a notification payload.
+
+    Args:
+        payload: The MQTT message payload.
+        mapped: The service IDs the local mapping directory maps.
+        mapping_dir: The directory's name, for the rejection message.
+
+    Returns:
+        The notification, or a rejection whose reason names the problem.
+    """
+    if len(payload) > MAX_PAYLOAD:
+        return Rejection(f"payload of {len(payload)} bytes is larger than {MAX_PAYLOAD}")
+    try:
+        document = json.loads(payload.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        return Rejection("malformed JSON")
+    if not isinstance(document, dict):
+        return Rejection("the payload is not a JSON object")
+
+    mode = document.get("clientMode")
+    if mode is None:
+        return Rejection("no clientMode")
+    if mode != "destination":
+        return Rejection(f"clientMode is {_shown(mode)}, not 'destination'")
+
+    token = document.get("clientAccessToken")
+    if not isinstance(token, str) or not token.strip():
+        return Rejection("no clientAccessToken")
+    if len(token) > _MAX_TOKEN or not _HEADER_SAFE_RE.fullmatch(token):
+        return Rejection("clientAccessToken has characters an HTTP header cannot carry")
+
+    region = document.get("region")
+    if not isinstance(region, str) or not region.strip():
+        return Rejection("no region")
+    if not _REGION_RE.fullmatch(region):
+        return Rejection(f"region {_shown(region)} is not an AWS region name")
+
+    services = document.get("services")
+    if services is None or services == []:
+        return Rejection("no services")
+    if not isinstance(services, list) or len(services) > _MAX_SERVICES:
+        return Rejection(f"services must be a list of at most {_MAX_SERVICES} service IDs")
+    for service in services:
+        if not isinstance(service, str) or not SERVICE_ID_RE.fullmatch(service):
+            return Rejection(f"services holds {_shown(service)}, which is not a service ID")
+    if len(set(services)) != len(services):
+        return Rejection("services names a service twice")
+    unmapped = [service for service in services if service not in mapped]
+    if unmapped:
+        where = f" in {mapping_dir}" if mapping_dir else ""
+        plural = "s" if len(unmapped) > 1 else ""
+        return Rejection(f"service{plural} {', '.join(unmapped)} not mapped{where}")
+    return Notification(Secret(token), region, tuple(services))

@@ -1,0 +1,298 @@
+"""Pure policy: which destination proxies run, given notifications and child exits.
+
+The :class:`Supervisor` does no I/O and reads no clock: the daemon feeds it events (a new
+notification, a child's exit with its exit code and uptime, a restart timer that fired,
+shutdown) and carries out the :data:`Action` list each call returns, in order.
+
+One tunnel, one child proxy. The rules:
+
+- an exact duplicate of a recent notification (all four fields equal) is ignored;
+- a notification for the same set of services as a running tunnel replaces it: the old proxy
+  is stopped and a new one started with the new token (token rotation);
+- at most ``max_tunnels`` tunnels run at once; a notification beyond that is refused;
+- a child that exits 0 (the service closed the tunnel), 3 (the handshake was refused: bad,
+  used or expired token) or 2 (configuration error) is not restarted: that tunnel is over;
+- any other exit (1, 4, a signal) is a crash: the child is started again after a jittered
+  exponential backoff, with the same access and client tokens, up to ``max_restarts`` times
+  in a row. A child that ran for ``stable_after`` seconds resets the count.
+
+Per tunnel::
+
+    RUNNING --crash--> WAITING --restart due--> RUNNING
+    RUNNING --exit 0/2/3, or too many crashes--> (gone)
+    RUNNING --replaced/shutdown--> STOPPING --exit--> (gone)
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import random
+import secrets
+import signal
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from agent.notify import Notification
+from proxy.config import Secret
+
+__all__ = [
+    "EXIT_CLOSED",
+    "EXIT_CONFIG",
+    "EXIT_REFUSED",
+    "Action",
+    "CancelRestart",
+    "Log",
+    "ScheduleRestart",
+    "StartProxy",
+    "State",
+    "StopProxy",
+    "Supervisor",
+    "describe_exit",
+]
+
+EXIT_CLOSED = 0  #: the service closed the tunnel
+EXIT_CONFIG = 2  #: the proxy's configuration does not fit the tunnel
+EXIT_REFUSED = 3  #: the service refused the handshake
+
+_FINAL_EXITS = {
+    EXIT_CLOSED: (logging.INFO, "the tunnel was closed by the service"),
+    EXIT_REFUSED: (logging.WARNING, "the tunnel service refused the token"),
+    EXIT_CONFIG: (logging.ERROR, "the proxy cannot serve this tunnel with the local mappings"),
+}
+
+
+class State(enum.Enum):
+    """Where one tunnel's proxy is."""
+
+    RUNNING = "running"  #: a child process runs (or is being started)
+    WAITING = "waiting"  #: the child crashed; a restart is scheduled
+    STOPPING = "stopping"  #: the child was asked to stop; waiting for its exit
+
+
+@dataclass(frozen=True, slots=True)
+class StartProxy:
+    """Start a destination proxy for ``notification`` with these tokens; tag its output."""
+
+    tag: str
+    notification: Notification
+    client_token: Secret
+    attempt: int  #: 0 for the first start, then the restart number
+
+
+@dataclass(frozen=True, slots=True)
+class StopProxy:
+    """Ask the tunnel's child to stop (SIGTERM); its exit is reported as usual."""
+
+    tag: str
+
+
+@dataclass(frozen=True, slots=True)
+class ScheduleRestart:
+    """Report :meth:`Supervisor.restart_due` for ``tag`` after ``delay`` seconds."""
+
+    tag: str
+    delay: float
+
+
+@dataclass(frozen=True, slots=True)
+class CancelRestart:
+    """Forget the restart timer of ``tag``."""
+
+    tag: str
+
+
+@dataclass(frozen=True, slots=True)
+class Log:
+    """Log ``message`` at ``level``, tagged with the tunnel's tag when there is one."""
+
+    level: int
+    message: str
+    tag: str | None = None
+
+
+Action = StartProxy | StopProxy | ScheduleRestart | CancelRestart | Log
+
+
+def describe_exit(code: int) -> str:
+    """``exit code 1`` or ``signal SIGKILL`` (asyncio reports a signal as a negative code)."""
+    if code < 0:
+        try:
+            return f"signal {signal.Signals(-code).name}"
+        except ValueError:
+            return f"signal {-code}"
+    return f"exit code {code}"
+
+
+@dataclass(slots=True)
+class _Tunnel:
+    tag: str
+    notification: Notification
+    client_token: Secret
+    state: State = State.RUNNING
+    crashes: int = 0  #: in a row
+
+
+class Supervisor:
+    """The policy; see the module docstring.
+
+    Args:
+        max_tunnels: Tunnels that may run at once.
+        max_restarts: Restarts in a row before a crashing proxy is given up.
+        backoff_base: The first restart delay in seconds, doubled after each crash in a row.
+        backoff_cap: The longest restart delay in seconds.
+        stable_after: Seconds of uptime after which a crash counts as the first in a row.
+        remember: How many notification fingerprints are kept to detect duplicates.
+        rand: ``rand(a, b)`` -> a number in ``[a, b]``: the jitter.
+        new_client_token: Makes the client token of a new tunnel (``[a-zA-Z0-9-]{32,128}``).
+    """
+
+    def __init__(
+        self,
+        max_tunnels: int,
+        *,
+        max_restarts: int = 5,
+        backoff_base: float = 1.0,
+        backoff_cap: float = 30.0,
+        stable_after: float = 60.0,
+        remember: int = 64,
+        rand: Callable[[float, float], float] = random.uniform,
+        new_client_token: Callable[[], str] = lambda: secrets.token_hex(32),
+    ) -> None:
+        self.max_tunnels = max_tunnels
+        self.max_restarts = max_restarts
+        self.backoff_base = backoff_base
+        self.backoff_cap = backoff_cap
+        self.stable_after = stable_after
+        self._remember = remember
+        self._rand = rand
+        self._new_client_token = new_client_token
+        self._tunnels: dict[str, _Tunnel] = {}
+        self._seen: OrderedDict[bytes, None] = OrderedDict()
+        self._counter = 0
+        self.shutting_down = False
+
+    # ------------------------------------------------------------------ queries
+
+    def state(self, tag: str) -> State | None:
+        """The state of a tunnel, or ``None`` when it is gone."""
+        tunnel = self._tunnels.get(tag)
+        return None if tunnel is None else tunnel.state
+
+    @property
+    def active(self) -> int:
+        """Tunnels that count against the limit (running or waiting for a restart)."""
+        return sum(1 for t in self._tunnels.values() if t.state is not State.STOPPING)
+
+    @property
+    def idle(self) -> bool:
+        """No tunnel is left, not even one whose child is stopping."""
+        return not self._tunnels
+
+    # ------------------------------------------------------------------ events
+
+    def notified(self, notification: Notification) -> list[Action]:
+        """A valid notification arrived."""
+        fingerprint = notification.fingerprint()
+        if fingerprint in self._seen:
+            self._seen.move_to_end(fingerprint)
+            return [Log(logging.INFO, f"duplicate notification for {notification.describe()}")]
+        self._seen[fingerprint] = None
+        while len(self._seen) > self._remember:
+            self._seen.popitem(last=False)
+        if self.shutting_down:
+            return [Log(logging.WARNING, "shutting down: notification ignored")]
+
+        actions: list[Action] = []
+        replaced = next(
+            (
+                t
+                for t in self._tunnels.values()
+                if t.state is not State.STOPPING
+                and t.notification.service_set == notification.service_set
+            ),
+            None,
+        )
+        if replaced is not None:
+            actions.append(
+                Log(logging.INFO, "replaced by a new token for the same services", replaced.tag)
+            )
+            actions.extend(self._stop(replaced))
+        elif self.active >= self.max_tunnels:
+            return [
+                Log(
+                    logging.WARNING,
+                    f"notification for {notification.describe()} refused: "
+                    f"{self.active} tunnels already run (max_tunnels = {self.max_tunnels})",
+                )
+            ]
+        self._counter += 1
+        tunnel = _Tunnel(f"t{self._counter}", notification, Secret(self._new_client_token()))
+        self._tunnels[tunnel.tag] = tunnel
+        actions.append(Log(logging.INFO, f"new tunnel for {notification.describe()}", tunnel.tag))
+        actions.append(StartProxy(tunnel.tag, notification, tunnel.client_token, 0))
+        return actions
+
+    def child_exited(self, tag: str, code: int, uptime: float) -> list[Action]:
+        """The tunnel's child exited with ``code`` after running ``uptime`` seconds."""
+        tunnel = self._tunnels.get(tag)
+        if tunnel is None or tunnel.state is State.WAITING:
+            return []
+        how = describe_exit(code)
+        if tunnel.state is State.STOPPING or self.shutting_down:
+            del self._tunnels[tag]
+            return [Log(logging.INFO, f"proxy stopped ({how})", tag)]
+        if code in _FINAL_EXITS:
+            del self._tunnels[tag]
+            level, why = _FINAL_EXITS[code]
+            return [Log(level, f"{why} (proxy {how}); not restarting", tag)]
+        if uptime >= self.stable_after:
+            tunnel.crashes = 0
+        tunnel.crashes += 1
+        if tunnel.crashes > self.max_restarts:
+            del self._tunnels[tag]
+            return [
+                Log(
+                    logging.ERROR,
+                    f"proxy failed ({how}) {tunnel.crashes} times in a row; giving up on this "
+                    "tunnel",
+                    tag,
+                )
+            ]
+        tunnel.state = State.WAITING
+        ceiling = min(self.backoff_cap, self.backoff_base * 2.0 ** (tunnel.crashes - 1))
+        delay = ceiling / 2 + self._rand(0.0, ceiling / 2)
+        return [
+            Log(
+                logging.WARNING,
+                f"proxy failed ({how}); restart {tunnel.crashes} of {self.max_restarts} "
+                f"in {delay:.1f} s",
+                tag,
+            ),
+            ScheduleRestart(tag, delay),
+        ]
+
+    def restart_due(self, tag: str) -> list[Action]:
+        """The restart timer of ``tag`` fired."""
+        tunnel = self._tunnels.get(tag)
+        if tunnel is None or tunnel.state is not State.WAITING:
+            return []
+        tunnel.state = State.RUNNING
+        return [StartProxy(tag, tunnel.notification, tunnel.client_token, tunnel.crashes)]
+
+    def shutdown(self) -> list[Action]:
+        """Stop every child; no new tunnel is started from now on."""
+        self.shutting_down = True
+        actions: list[Action] = []
+        for tunnel in list(self._tunnels.values()):
+            if tunnel.state is not State.STOPPING:
+                actions.extend(self._stop(tunnel))
+        return actions
+
+    def _stop(self, tunnel: _Tunnel) -> list[Action]:
+        if tunnel.state is State.WAITING:
+            del self._tunnels[tunnel.tag]
+            return [CancelRestart(tunnel.tag)]
+        tunnel.state = State.STOPPING
+        return [StopProxy(tunnel.tag)]

@@ -1,0 +1,302 @@
+"""``python -m bench``: throughput, CPU, memory, latency and fairness of a tunnel, on loopback.
+
+Every scenario runs through iotunnel's own tunnel service over TLS, with one tunnel carrying
+two services: HTTP1 (to a bulk ``blob`` server) and SSH1 (to an echo server). Results are
+printed as a table and written as JSON (``--json``, default ``bench/out/results.json``).
+
+``--proxy-cmd "/path/to/localproxy"`` runs the same scenarios with another implementation that
+takes the reference's ``-s/-d/-e/-t/-c`` flags (the token then goes on its command line, as the
+reference requires), so that builds can be compared side by side in one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bench.harness import ROOT, Proc, Stack, Tunnel, free_port, peak_rss_kib, rss_kib
+from bench.pki import PKI
+
+MB = 1_000_000
+MiB = 1 << 20
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far, from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / _TICK
+
+
+@dataclass
+class Setup:
+    """One tunnel and its processes."""
+
+    stack: Stack
+    service: Proc
+    destination: Proc
+    source: Proc
+    http1: int
+    ssh1: int
+
+    def procs(self) -> dict[str, Proc]:
+        return {"source": self.source, "destination": self.destination, "service": self.service}
+
+
+def _ca_dir(pki: PKI, workdir: Path) -> Path:
+    """A hashed CA directory, for implementations that want an OpenSSL capath."""
+    directory = workdir / "ca-dir"
+    directory.mkdir(exist_ok=True)
+    target = directory / "ca.pem"
+    target.write_bytes(pki.ca.cert.read_bytes())
+    digest = subprocess.run(
+        ["openssl", "x509", "-hash", "-noout", "-in", str(target)],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    link = directory / f"{digest}.0"
+    if not link.exists():
+        link.symlink_to("ca.pem")
+    return directory
+
+
+def start(workdir: Path, pki: PKI, proxy_cmd: str | None, service_args: list[str]) -> Setup:
+    stack = Stack(workdir)
+    try:
+        tunnel = Tunnel("bench", ("HTTP1", "SSH1"))
+        service, port = stack.service(
+            [tunnel], cert=pki.server.cert, key=pki.server.key, extra=service_args
+        )
+        _, blob = stack.blob_server()
+        _, echo = stack.echo_server()
+        dmap = f"HTTP1={blob},SSH1={echo}"
+        if proxy_cmd is None:
+            dst = stack.destination(tunnel.destination_token, port, dmap, ca=pki.ca.cert)
+            ours = stack.source(
+                tunnel.source_token, port, "HTTP1=0,SSH1=0", ["HTTP1", "SSH1"], ca=pki.ca.cert
+            )
+            return Setup(stack, service, dst, ours.proc, ours.ports["HTTP1"], ours.ports["SSH1"])
+        ca_dir = str(_ca_dir(pki, workdir))
+        base = [*shlex.split(proxy_cmd), "-e", f"127.0.0.1:{port}", "-c", ca_dir]
+        dst = stack.start("destination", [*base, "-d", dmap, "-t", tunnel.destination_token])
+        service.wait_for(r"peer connected: tunnel bench destination")
+        http1, ssh1 = free_port(), free_port()
+        smap = f"HTTP1={http1},SSH1={ssh1}"
+        src = stack.start("source", [*base, "-s", smap, "-t", tunnel.source_token])
+        service.wait_for(r"peer connected: tunnel bench source")
+        time.sleep(1.0)  # no portable readiness line: give the listeners a moment
+        return Setup(stack, service, dst, src, http1, ssh1)
+    except BaseException:
+        stack.close()
+        raise
+
+
+def load(kind: str, port: int, *args: str, timeout: float = 900) -> dict[str, Any]:
+    """Run a ``bench.load`` client in its own process and return its JSON result."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    result = subprocess.run(
+        [sys.executable, "-m", "bench.load", kind, "--port", str(port), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        check=False,
+    )
+    if result.returncode != 0:
+        raise RuntimeError(f"bench.load {kind} failed: {result.stderr.strip()[-2000:]}")
+    data: dict[str, Any] = json.loads(result.stdout)
+    return data
+
+
+def background(kind: str, port: int, *args: str) -> subprocess.Popen[str]:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.Popen(
+        [sys.executable, "-m", "bench.load", kind, "--port", str(port), *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+
+
+# ---------------------------------------------------------------------------------- scenarios
+
+
+def throughput(s: Setup, total: int) -> dict[str, Any]:
+    """1: MB/s at the receiver, 1 and 4 connections, unpaced and paced; 2: CPU s/GB, peak RSS."""
+    out: dict[str, Any] = {}
+    procs = s.procs()
+    for direction in ("download", "upload"):
+        for conns in (1, 4):
+            before = {name: cpu_seconds(p.pid) for name, p in procs.items()}
+            result = load(direction, s.http1, "--bytes", str(total), "--conns", str(conns))
+            cpu = {name: cpu_seconds(p.pid) - before[name] for name, p in procs.items()}
+            gb = result["bytes"] / 1e9
+            result["cpu_s_per_gb"] = {name: round(v / gb, 2) for name, v in cpu.items()}
+            out[f"{direction}_{conns}conn_unpaced"] = result
+        paced = load(direction, s.http1, "--bytes", str(total // 4), "--rate", str(20 * MB))
+        out[f"{direction}_1conn_paced_20MBps"] = paced
+    out["peak_rss_kib"] = {name: peak_rss_kib(p.pid) for name, p in procs.items()}
+    return out
+
+
+def latency_idle(s: Setup, count: int) -> dict[str, Any]:
+    """3: 64-byte round trips on an idle tunnel."""
+    return load("rtt", s.ssh1, "--count", str(count), "--interval", "0.002")
+
+
+def latency_under_bulk(s: Setup, count: int, total: int) -> dict[str, Any]:
+    """4: 64-byte round trips on SSH1 while HTTP1 carries an unpaced bulk download."""
+    bulk = background("download", s.http1, "--bytes", str(total))
+    time.sleep(0.5)
+    try:
+        rtt = load("rtt", s.ssh1, "--count", str(count), "--interval", "0.01")
+        running = bulk.poll() is None
+    finally:
+        out, _ = bulk.communicate(timeout=900)
+    result = {"rtt": rtt, "bulk": json.loads(out) if out else None, "bulk_overlapped": running}
+    result["peak_rss_kib"] = {name: peak_rss_kib(p.pid) for name, p in s.procs().items()}
+    return result
+
+
+def connection_setup(s: Setup, count: int) -> dict[str, Any]:
+    """5: connect + first echoed byte, and the same with the byte sent 5 ms after connect."""
+    return {
+        "immediate": load("setup", s.ssh1, "--count", str(count)),
+        "first_byte_after_5ms": load("setup", s.ssh1, "--count", str(count), "--delay", "0.005"),
+    }
+
+
+def many_connections(s: Setup, count: int) -> dict[str, Any]:
+    """6: simultaneous connections through one tunnel."""
+    result = load("many", s.ssh1, "--count", str(count))
+    result["rss_kib_after"] = {name: rss_kib(p.pid) for name, p in s.procs().items()}
+    return result
+
+
+def idle_rss(s: Setup) -> dict[str, Any]:
+    """7: resident memory of idle processes (before any traffic)."""
+    return {name: rss_kib(p.pid) for name, p in s.procs().items()}
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    quick = args.quick
+    total = (64 if quick else 512) * MiB
+    workdir = Path(args.workdir).resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    pki = PKI.create(workdir / "pki")
+    results: dict[str, Any] = {
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "machine": (
+            f"{platform.machine()}, {os.cpu_count()} cores, "
+            f"{platform.python_implementation()} {platform.python_version()}"
+        ),
+        "implementation": args.proxy_cmd or "iotunnel",
+        "quick": quick,
+    }
+    runs: list[tuple[str, list[str]]] = [("unlimited", [])]
+    if args.cap:
+        runs.append((f"cap_{args.cap // 1000}KBps", ["--bandwidth-limit", str(args.cap)]))
+    for label, service_args in runs:
+        setup = start(workdir / label, pki, args.proxy_cmd, service_args)
+        try:
+            section: dict[str, Any] = {}
+            if label == "unlimited":
+                section["idle_rss_kib"] = idle_rss(setup)
+                section["latency_idle"] = latency_idle(setup, 500 if quick else 2000)
+                section["connection_setup"] = connection_setup(setup, 50 if quick else 200)
+                section["throughput"] = throughput(setup, total)
+                section["latency_under_bulk"] = latency_under_bulk(
+                    setup, 200 if quick else 1000, (1024 if quick else 8192) * MiB
+                )
+                section["many_connections"] = many_connections(setup, 1000)
+            else:
+                section["latency_under_bulk"] = latency_under_bulk(
+                    setup, 50 if quick else 200, 8 * MiB if quick else 24 * MiB
+                )
+            results[label] = section
+        finally:
+            setup.stack.close()
+    return results
+
+
+def table(results: dict[str, Any]) -> str:
+    """The results as a plain-text table."""
+    lines = [f"{results['implementation']} — {results['machine']} — {results['date']}"]
+    u = results.get("unlimited", {})
+    tp = u.get("throughput", {})
+    for key, value in tp.items():
+        if key == "peak_rss_kib":
+            continue
+        cpu = value.get("cpu_s_per_gb")
+        cpu_text = ", ".join(f"{k} {v}" for k, v in cpu.items()) if cpu else ""
+        lines.append(f"  throughput {key:28} {value['mb_per_s']:8.1f} MB/s   cpu s/GB: {cpu_text}")
+    if "peak_rss_kib" in tp:
+        lines.append(f"  peak RSS during throughput (MiB): {_mib(tp['peak_rss_kib'])}")
+    if "latency_idle" in u:
+        lines.append(f"  RTT 64 B idle: {_lat(u['latency_idle'])}")
+    for label in ("unlimited", *(k for k in results if k.startswith("cap_"))):
+        lub = results.get(label, {}).get("latency_under_bulk")
+        if lub:
+            bulk = lub.get("bulk") or {}
+            lines.append(
+                f"  RTT 64 B on SSH1 during HTTP1 bulk [{label}]: {_lat(lub['rtt'])}"
+                f" (bulk {bulk.get('mb_per_s', '?')} MB/s, overlapped={lub['bulk_overlapped']},"
+                f" peak RSS MiB {_mib(lub['peak_rss_kib'])})"
+            )
+    cs = u.get("connection_setup")
+    if cs:
+        lines.append(f"  connect + first echoed byte: {_lat(cs['immediate'])}")
+        lines.append(f"  first byte sent 5 ms after connect: {_lat(cs['first_byte_after_5ms'])}")
+    mc = u.get("many_connections")
+    if mc:
+        lines.append(
+            f"  {mc['count']} simultaneous connections: {mc['ok']} ok, opened in {mc['open_s']} s,"
+            f" all echoed in {mc['total_s']} s, RSS after (MiB) {_mib(mc['rss_kib_after'])}"
+        )
+    if "idle_rss_kib" in u:
+        lines.append(f"  idle RSS (MiB): {_mib(u['idle_rss_kib'])}")
+    return "\n".join(lines)
+
+
+def _lat(value: dict[str, Any]) -> str:
+    return f"median {value['median_ms']} ms, p99 {value['p99_ms']} ms, max {value['max_ms']} ms"
+
+
+def _mib(values: dict[str, int]) -> str:
+    return ", ".join(f"{k} {v / 1024:.1f}" for k, v in values.items())
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="smaller runs (under 2 minutes)")
+    parser.add_argument("--proxy-cmd", help="another local proxy to measure instead")
+    parser.add_argument(
+        "--cap",
+        type=int,
+        default=800_000,
+        help="also run scenario 4 with this per-tunnel bandwidth cap in bytes/s (0: skip)",
+    )
+    parser.add_argument("--json", type=Path, default=ROOT / "bench" / "out" / "results.json")
+    parser.add_argument("--workdir", default="/tmp/iotunnel-bench")
+    args = parser.parse_args(argv)
+    results = run(args)
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(results, indent=2))
+    print(table(results))
+    print(f"\nJSON: {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
