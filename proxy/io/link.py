@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import socket
 import ssl
 from collections.abc import Iterator
@@ -61,7 +62,7 @@ def ssl_context(ca_path: str | None, verify_host: bool) -> ssl.SSLContext:
     """TLS 1.2+ with certificate verification; ``ca_path`` is a CA file or a directory."""
     if ca_path is None:
         ctx = ssl.create_default_context()
-    elif ca_path.endswith("/") or _is_dir(ca_path):
+    elif os.path.isdir(ca_path):
         ctx = ssl.create_default_context(capath=ca_path)
     else:
         ctx = ssl.create_default_context(cafile=ca_path)
@@ -69,12 +70,6 @@ def ssl_context(ca_path: str | None, verify_host: bool) -> ssl.SSLContext:
     if not verify_host:
         ctx.check_hostname = False
     return ctx
-
-
-def _is_dir(path: str) -> bool:
-    import os
-
-    return os.path.isdir(path)
 
 
 @contextlib.contextmanager
