@@ -6,12 +6,12 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 # Debian packages the test suite drives for real (installed only when missing and root).
-SYSTEM_PACKAGES ?=
+SYSTEM_PACKAGES ?= mosquitto openssh-server openssh-client
 
 .PHONY: help demo test lint typecheck unit venv system-deps proto bench clean
 
 help:
-	@echo "make demo   - run the whole tunnel on loopback with concurrent HTTP and echo traffic"
+	@echo "make demo   - the whole walk-through on loopback: open-tunnel, the agent, HTTP and SSH at once"
 	@echo "make test   - install what the tests need and run lint, types and the whole suite"
 	@echo "make bench  - run the benchmarks (bench/RESULTS.md)"
 	@echo "make proto  - regenerate proxy/protocol/_pb from Message.proto"
@@ -26,7 +26,7 @@ $(BIN)/python:
 
 $(STAMP): $(BIN)/python pyproject.toml
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[test]'
+	$(BIN)/python -m pip install -q -e '.[test,service,agent]'
 	@touch $@
 
 venv: $(STAMP)
@@ -46,7 +46,7 @@ lint: venv
 	$(BIN)/ruff format --check proxy/protocol
 
 typecheck: venv
-	$(BIN)/mypy proxy service bench
+	$(BIN)/mypy proxy service bench agent
 
 unit: venv
 	$(BIN)/pytest -q -m "not e2e"
@@ -54,7 +54,7 @@ unit: venv
 test: venv system-deps lint typecheck
 	$(BIN)/pytest -q -p no:cacheprovider
 
-demo: venv
+demo: venv system-deps
 	$(BIN)/python -m bench.demo
 
 bench: venv

@@ -1,4 +1,4 @@
-"""The agent's settings: ``agent.ini``, ``IOTUNNEL_*`` variables and flags -> :class:`AgentSettings`.
+"""The agent's settings: ``agent.ini``, ``IOTUNNEL_*`` variables, flags -> :class:`AgentSettings`.
 
 Every key lives in the ``[agent]`` section of the settings file (``/etc/iotunnel/agent.ini`` by
 default; ``--config FILE`` or ``IOTUNNEL_CONFIG`` name another). Each key can be overridden by
@@ -39,9 +39,11 @@ __all__ = [
     "KEYS",
     "PROG",
     "AgentSettings",
+    "CheckOnly",
     "CliExit",
     "ConfigError",
     "load",
+    "summary",
 ]
 
 PROG = "iotunnel-agent"
@@ -110,8 +112,15 @@ class AgentSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class CheckOnly:
+    """``--check``: the settings are valid so far; the caller checks the TLS files and exits."""
+
+    settings: AgentSettings
+
+
+@dataclass(frozen=True, slots=True)
 class CliExit:
-    """Not a run: print ``output`` and exit with ``code`` (``--help``, ``--version``, ``--check``)."""
+    """Not a run: print ``output`` and exit with ``code`` (``--help``, ``--version``)."""
 
     code: int
     output: str
@@ -342,9 +351,13 @@ def _read_file(path: Path, display: str) -> dict[str, _Given]:
     try:
         parser.read_string(text, source=display)
     except configparser.MissingSectionHeaderError as exc:
-        raise ConfigError(f"{display}:{exc.lineno}: expected [{SECTION}] before the first key")
+        raise ConfigError(
+            f"{display}:{exc.lineno}: expected [{SECTION}] before the first key"
+        ) from None
     except configparser.DuplicateSectionError as exc:
-        raise ConfigError(f"{display}:{exc.lineno}: section [{exc.section}] appears twice")
+        raise ConfigError(
+            f"{display}:{exc.lineno}: section [{exc.section}] appears twice"
+        ) from None
     except configparser.DuplicateOptionError as exc:
         raise ConfigError(f"{display}:{exc.lineno}: {exc.option} is set twice") from None
     except configparser.ParsingError as exc:
@@ -401,7 +414,8 @@ def _settings_file(
 # --------------------------------------------------------------------------- load
 
 
-def _summary(settings: AgentSettings) -> str:
+def summary(settings: AgentSettings) -> str:
+    """What ``--check`` prints: the settings that matter, on one line."""
     service = settings.tunnel_endpoint or "the notified AWS region"
     return (
         f"{PROG}: configuration OK: {settings.client_id} at {settings.endpoint}:{settings.port}, "
@@ -412,7 +426,7 @@ def _summary(settings: AgentSettings) -> str:
 
 def load(
     argv: Sequence[str], environ: Mapping[str, str], cwd: Path | None = None
-) -> AgentSettings | CliExit:
+) -> AgentSettings | CheckOnly | CliExit:
     """Parse the agent's settings.
 
     Args:
@@ -421,7 +435,8 @@ def load(
         cwd: What relative paths on the command line and in the environment are relative to.
 
     Returns:
-        The settings, or a :class:`CliExit` for ``--help``, ``--version`` and ``--check``.
+        The settings; :class:`CheckOnly` with them for ``--check``; a :class:`CliExit` for
+        ``--help`` and ``--version``.
 
     Raises:
         ConfigError: A setting is missing or wrong.
@@ -486,5 +501,5 @@ def load(
         config_file=config_file,
     )
     if namespace.check:
-        return CliExit(0, _summary(settings))
+        return CheckOnly(settings)
     return settings

@@ -143,6 +143,7 @@ def configure(level: int, stream: TextIO, *, journal: bool) -> Redactor:
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level)
+    logging.getLogger("asyncio").setLevel(max(level, logging.INFO))
     return redactor
 
 

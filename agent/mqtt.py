@@ -15,12 +15,13 @@ session (restarted without persistence) has lost the subscription too.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from awscrt import mqtt5
+from awscrt import io, mqtt5
 from awsiot import mqtt5_client_builder
 
 from agent.config import AgentSettings
@@ -33,6 +34,7 @@ __all__ = [
     "MqttEvent",
     "MqttLink",
     "is_aws_endpoint",
+    "tls_problem",
 ]
 
 log = logging.getLogger("agent")
@@ -92,6 +94,32 @@ def _reason(exception: BaseException | None) -> str:
     if exception is None:
         return "no reason given"
     return str(getattr(exception, "name", "") or exception)
+
+
+def tls_problem(settings: AgentSettings) -> str | None:
+    """Load the certificate, key and CA as the MQTT client will; say what is wrong, if anything.
+
+    awscrt reads the files only when the client is built; this lets a bad file fail the start
+    as a configuration error instead of a connection that never comes up.
+    """
+    cert, key = str(settings.cert), str(settings.key)
+    try:
+        io.ClientTlsContext(io.TlsContextOptions.create_client_with_mtls_from_path(cert, key))
+    except Exception as exc:  # awscrt raises RuntimeError or AwsCrtError
+        return f"cert, key: cannot use {cert} with {key}: {exc}"
+    if settings.root_ca is None:
+        return None
+    options = io.TlsContextOptions.create_client_with_mtls_from_path(cert, key)
+    ca = str(settings.root_ca)
+    try:
+        if settings.root_ca.is_dir():
+            options.override_default_trust_store_from_path(ca, None)
+        else:
+            options.override_default_trust_store_from_path(None, ca)
+        io.ClientTlsContext(options)
+    except Exception as exc:
+        return f"root_ca: cannot use {ca}: {exc}"
+    return None
 
 
 class MqttLink:
@@ -182,10 +210,8 @@ class MqttLink:
 
     def _post(self, callback: Callable[..., None], *args: Any) -> None:
         """From a CRT thread: run ``callback(*args)`` on the loop (dropped once it is closed)."""
-        try:
+        with contextlib.suppress(RuntimeError):  # the loop is closed: the agent is exiting
             self._loop.call_soon_threadsafe(callback, *args)
-        except RuntimeError:  # the loop is closed: the agent is exiting
-            pass
 
     def _queue(self, event: MqttEvent) -> None:
         if isinstance(event, Message) and self.events.qsize() >= MAX_PENDING:

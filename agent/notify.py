@@ -73,7 +73,9 @@ def _shown(value: object) -> str:
     return text if len(text) <= _SHOWN else text[: _SHOWN - 3] + "..."
 
 
-def parse(payload: bytes, mapped: Collection[str], *, mapping_dir: str = "") -> Notification | Rejection:
+def parse(
+    payload: bytes, mapped: Collection[str], *, mapping_dir: str = ""
+) -> Notification | Rejection:
     """Validate a notification payload.
 
     Args:

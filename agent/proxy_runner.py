@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import re
 import sys
 import time
@@ -58,7 +59,7 @@ def child_environment(
         for name, value in base.items()
         if name not in ENV_VARIABLES and not name.startswith(("IOTUNNEL_", "AWSIOT_TUNNEL_"))
     }
-    env["PYTHONPATH"] = ":".join(filter(None, [_PROJECT_ROOT, base.get("PYTHONPATH")]))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [_PROJECT_ROOT, base.get("PYTHONPATH")]))
     env["PYTHONUNBUFFERED"] = "1"
     env[ENV_ACCESS_TOKEN] = access_token.reveal()
     env[ENV_CLIENT_TOKEN] = client_token.reveal()

@@ -57,9 +57,9 @@ class Notifier:
         pid_text = environ.pop("WATCHDOG_PID", None)
         own = os.getpid() if pid is None else pid
         usec: int | None = None
-        if usec_text and usec_text.isdigit() and int(usec_text) > 0:
-            if pid_text is None or (pid_text.isdigit() and int(pid_text) == own):
-                usec = int(usec_text)
+        ours = pid_text is None or (pid_text.isdigit() and int(pid_text) == own)
+        if ours and usec_text and usec_text.isdigit() and int(usec_text) > 0:
+            usec = int(usec_text)
         return cls(address, usec)
 
     @property

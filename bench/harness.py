@@ -17,6 +17,11 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from bench.pki import PKI, CertPair
+    from bench.sshd import SshSetup
 
 ROOT = Path(__file__).resolve().parent.parent
 LISTENING_RE = re.compile(r"service (\S+): listening on (\S+)")
@@ -256,6 +261,85 @@ class Stack:
         argv = [self.python, "-m", "bench.servers", "http", "--directory", str(directory)]
         proc = self.start(name, argv)
         return proc, int(proc.wait_for(r"port (\d+)").group(1))
+
+    # ---------------------------------------------------------------- device side (agent)
+
+    def mosquitto(self, pki: PKI, *, port: int = 0, name: str = "mosquitto") -> tuple[Proc, int]:
+        """Start mosquitto with client-certificate auth on loopback; returns it and its port.
+
+        ``port=0`` picks a free one; pass the old port to restart a broker in place.
+        """
+        from bench.mqtt import MOSQUITTO_RUNNING, mosquitto_binary, mosquitto_config
+
+        binary = mosquitto_binary()
+        if binary is None:
+            raise HarnessError("mosquitto is not installed (Debian package 'mosquitto')")
+        port = port or free_port()
+        conf = mosquitto_config(self.workdir, port, pki, name=name)
+        proc = self.start(name, [binary, "-c", str(conf)])
+        proc.wait_for(MOSQUITTO_RUNNING)
+        return proc, port
+
+    def sshd(self, name: str = "sshd") -> tuple[Proc, int, SshSetup]:
+        """Start a throw-away sshd on a free loopback port (see :mod:`bench.sshd`)."""
+        from bench.sshd import SSHD_LISTENING, prepare_sshd, sshd_binary
+
+        binary = sshd_binary()
+        if binary is None:
+            raise HarnessError("sshd/ssh are not installed (openssh-server, openssh-client)")
+        setup = prepare_sshd(self.workdir / name)
+        port = free_port()
+        proc = self.start(name, setup.argv(binary, port))
+        proc.wait_for(SSHD_LISTENING)
+        return proc, port, setup
+
+    def control_plane(
+        self,
+        pki: PKI,
+        mqtt_port: int,
+        mqtt_client: CertPair,
+        *,
+        name: str = "service",
+        extra: Sequence[str] = (),
+    ) -> tuple[Proc, int, int]:
+        """Start the tunnel service with its management API (TLS) and MQTT notifications to
+        the broker on ``mqtt_port``; returns it, its WebSocket port and its API port."""
+        mqtt = [
+            "--api-port", "0",
+            "--mqtt-host", "127.0.0.1",
+            "--mqtt-port", str(mqtt_port),
+            "--mqtt-cert", str(mqtt_client.cert),
+            "--mqtt-key", str(mqtt_client.key),
+            "--mqtt-ca", str(pki.ca.cert),
+        ]  # fmt: skip
+        proc, port = self.service(
+            [], cert=pki.server.cert, key=pki.server.key, name=name, extra=[*mqtt, *extra]
+        )
+        api = proc.wait_for(r"API listening on https://[^\s]+:(\d+)")
+        return proc, port, int(api.group(1))
+
+    def agent(
+        self,
+        config: Path,
+        *,
+        name: str = "agent",
+        env: Mapping[str, str] | None = None,
+        extra: Sequence[str] = (),
+        ready: bool = True,
+    ) -> Proc:
+        """Start ``iotunnel-agent --config FILE``; wait until it is subscribed when ``ready``."""
+        argv = [self.python, "-m", "agent", "--config", str(config), *extra]
+        proc = self.start(name, argv, env=env)
+        if ready:
+            proc.wait_for("ready: waiting for tunnel notifications", timeout=30)
+        return proc
+
+
+def agent_ini(path: Path, settings: Mapping[str, object]) -> Path:
+    """Write an agent settings file with these ``[agent]`` keys."""
+    lines = ["[agent]", *(f"{key} = {value}" for key, value in settings.items()), ""]
+    path.write_text("\n".join(lines))
+    return path
 
 
 def free_port() -> int:

@@ -1,4 +1,11 @@
-"""The service's inputs, read once and checked: the tunnels file and the TLS certificate.
+"""The service's inputs, read once and checked: the settings file, the tunnels file, the
+credentials file and the TLS certificate.
+
+The settings file (``config/service.ini``) has one section, ``[service]``, whose keys are the
+long command-line options without the leading dashes (``api-port = 8444``); flags given on the
+command line win. The credentials file has the AWS shared-credentials format (``[profile]``
+sections with ``aws_access_key_id`` and ``aws_secret_access_key``); every profile in it may
+sign management API requests.
 
 The tunnels file (see ``config/service.example.json``)::
 
@@ -13,6 +20,7 @@ never contains a token.
 
 from __future__ import annotations
 
+import configparser
 import json
 import logging
 import ssl
@@ -56,9 +64,28 @@ def load_tunnels(path: Path, registry: TunnelRegistry) -> None:
     tunnels = document["tunnels"]
     if not isinstance(tunnels, list):
         raise ConfigError(f"{path}: tunnels: must be a list")
+    seen: set[str] = set()
     for index, entry in enumerate(tunnels):
         where = f"{path}: tunnels[{index}]"
         _check_entry(entry, where)
+        tunnel_id = entry["tunnelId"]
+        if tunnel_id in seen:
+            raise ConfigError(f"{where}.tunnelId: tunnel {tunnel_id!r} already exists")
+        seen.add(tunnel_id)
+        existing = registry.find(tunnel_id)
+        if existing is not None:
+            if (
+                existing.services == tuple(entry["services"])
+                and existing.source.matches(entry["sourceAccessToken"])
+                and existing.destination.matches(entry["destinationAccessToken"])
+            ):
+                continue  # in the state file since an earlier run: keep its state
+            log.warning(
+                "tunnel %s: %s declares it differently from the state file; replacing it",
+                tunnel_id,
+                path,
+            )
+            registry.delete_tunnel(tunnel_id)
         try:
             registry.open_tunnel(
                 entry["tunnelId"],
@@ -111,3 +138,70 @@ def tls_context(cert: Path, key: Path) -> ssl.SSLContext:
     except OSError as exc:
         raise ConfigError(f"{exc.filename or cert}: cannot read: {exc.strerror}") from None
     return context
+
+
+def _read_text(path: Path, what: str) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+        raise ConfigError(f"{path}: cannot read {what}: {reason}") from None
+
+
+def _parse_ini(path: Path, text: str, *, secret: bool = False) -> configparser.ConfigParser:
+    """Parse INI text; errors name the file and line (and, unless ``secret``, the text)."""
+    parser = configparser.ConfigParser(interpolation=None, strict=True)
+    try:
+        parser.read_string(text, source=str(path))
+    except configparser.Error as exc:
+        if secret:
+            errors = getattr(exc, "errors", None)
+            line = getattr(exc, "lineno", None) or (errors[0][0] if errors else "?")
+            raise ConfigError(f"{path}: line {line}: not in INI format") from None
+        message = " ".join(str(exc).split())
+        raise ConfigError(f"{path}: {message}") from None
+    return parser
+
+
+def read_settings(path: Path) -> dict[str, str]:
+    """The ``[service]`` section of a settings file: option name (dashes) -> raw value.
+
+    Raises:
+        ConfigError: unreadable file, bad syntax, or a section other than ``[service]``.
+    """
+    parser = _parse_ini(path, _read_text(path, "settings"))
+    sections = parser.sections()
+    extra = [name for name in sections if name != "service"]
+    if extra:
+        raise ConfigError(f"{path}: unknown section [{extra[0]}] (only [service])")
+    if "service" not in sections:
+        return {}
+    return {key.replace("_", "-"): value for key, value in parser.items("service")}
+
+
+def load_credentials(path: Path) -> dict[str, str]:
+    """Access key id -> secret access key, from an AWS shared-credentials file.
+
+    Raises:
+        ConfigError: unreadable file, bad syntax, no profile, or a profile without both keys.
+    """
+    text = _read_text(path, "credentials")
+    try:
+        mode = path.stat().st_mode
+    except OSError:  # pragma: no cover - just read
+        mode = 0
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        log.warning("%s holds secret keys and is readable by others; chmod 600 it", path)
+    parser = _parse_ini(path, text, secret=True)
+    keys: dict[str, str] = {}
+    for profile in parser.sections():
+        key_id = parser.get(profile, "aws_access_key_id", fallback="").strip()
+        secret = parser.get(profile, "aws_secret_access_key", fallback="").strip()
+        if not key_id or not secret:
+            raise ConfigError(
+                f"{path}: [{profile}]: aws_access_key_id and aws_secret_access_key are required"
+            )
+        keys[key_id] = secret
+    if not keys:
+        raise ConfigError(f"{path}: no credentials (a [profile] section with aws_access_key_id)")
+    return keys

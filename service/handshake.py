@@ -15,6 +15,7 @@ the response (each a plain-text reason, never the token):
 - 410: tunnel closed
 - 403: access token used before without a client token
 - 403: access token bound to a client token that was not presented
+- 403: access token rotated (or its tunnel deleted) between :func:`check` and :func:`claim`
 
 :func:`check` applies them without changing anything. :func:`claim` then spends the grant (see
 :meth:`service.registry.Grant.claim`); the server calls it only once the WebSocket upgrade itself
@@ -30,7 +31,7 @@ from dataclasses import dataclass, field
 from http import HTTPStatus
 from urllib.parse import parse_qs, urlsplit
 
-from service.registry import Claim, Mode, TunnelRegistry
+from service.registry import Claim, Mode, TunnelRegistry, digest
 
 #: The subprotocols the service speaks, best first, with their protocol version.
 SUBPROTOCOLS: dict[str, int] = {
@@ -79,6 +80,8 @@ class Candidate:
     mode: Mode
     subprotocol: str
     client_token: str | None = field(repr=False)
+    #: digest of the access token presented (a rotation may revoke it before the claim)
+    token_digest: str = field(repr=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -180,14 +183,21 @@ def check(request: HandshakeRequest, registry: TunnelRegistry) -> Candidate | Re
     if not tunnel.is_open:
         return Refusal(HTTPStatus.GONE, "tunnel is closed", tunnel.tunnel_id)
     return Candidate(
-        tunnel.tunnel_id, mode, subprotocol, client_tokens[0] if client_tokens else None
+        tunnel.tunnel_id,
+        mode,
+        subprotocol,
+        client_tokens[0] if client_tokens else None,
+        digest(tokens[0]),
     )
 
 
 def claim(candidate: Candidate, registry: TunnelRegistry) -> Admission | Refusal:
     """Spend the grant of a checked request, or refuse it (token used, client token mismatch)."""
     tunnel_id = candidate.tunnel_id
-    if not registry.get(tunnel_id).is_open:
+    found = registry.lookup_digest(candidate.token_digest)
+    if found is None or found[0].tunnel_id != tunnel_id or found[1] is not candidate.mode:
+        return Refusal(HTTPStatus.FORBIDDEN, "invalid access token", tunnel_id)
+    if not found[0].is_open:
         return Refusal(HTTPStatus.GONE, "tunnel is closed", tunnel_id)
     outcome = registry.claim(tunnel_id, candidate.mode, candidate.client_token)
     if outcome is Claim.TOKEN_USED:

@@ -6,9 +6,19 @@ decodes its tunnel frames, and awaits the send to the other peer before it reads
 a slow receiver slows its sender down, and no queue grows without bound (websockets buffers at
 most ``MAX_QUEUE`` incoming messages per connection, then stops reading the socket).
 
-Close codes sent by the service: 1000 when the tunnel is closed or the peer is replaced by a
-new connection of the same mode, 1001 when the service shuts down, 1002 for an undecodable
-tunnel frame, 1003 for a text message, 1009 for a message over 131076 bytes.
+With a bandwidth cap (:class:`Bandwidth`), each tunnel has a token bucket per direction: a
+handler charges each message it reads to its direction's bucket and, when the bucket is in
+debt, holds the message (and so stops reading from its sender) for exactly as long as the debt
+takes to pay back. One sleep per message at most; no per-byte work.
+
+The registry's connection states (``sourceConnectionState``/``destinationConnectionState`` of
+DescribeTunnel) follow the peers: set when the first peer of a mode attaches, cleared when the
+last one leaves.
+
+Close codes sent by the service: 1000 when the tunnel is closed or expires, when the peer's
+access token is rotated, or when the peer is replaced by a new connection of the same mode;
+1001 when the service shuts down, 1002 for an undecodable tunnel frame, 1003 for a text
+message, 1009 for a message over the size limit (131076 bytes unless configured).
 """
 
 from __future__ import annotations
@@ -17,7 +27,7 @@ import asyncio
 import logging
 import ssl
 import weakref
-from collections.abc import Coroutine, Sequence
+from collections.abc import Coroutine, Iterable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Self
@@ -31,7 +41,8 @@ from websockets.typing import Subprotocol
 
 from proxy.protocol.errors import RemoteProtocolError
 from proxy.protocol.framing import Decoder
-from proxy.protocol.messages import Message
+from proxy.protocol.messages import MAX_MESSAGE, Message
+from service.bandwidth import TokenBucket
 from service.handshake import Admission, Candidate, HandshakeRequest, Refusal, check, claim
 from service.pairing import MAX_WS_MESSAGE, Pairing, describe, pack
 from service.registry import Mode, TunnelRegistry
@@ -78,6 +89,14 @@ ws_log = logging.getLogger("service.websockets")
 ws_log.addFilter(_RedactFilter())
 
 
+@dataclass(frozen=True, slots=True)
+class Bandwidth:
+    """A per-tunnel, per-direction bandwidth cap: ``rate`` bytes/s, bursts of ``burst`` bytes."""
+
+    rate: float
+    burst: float
+
+
 @dataclass(eq=False)
 class _Peer:
     """One accepted connection, as the pairing sees it (compared by identity)."""
@@ -116,8 +135,17 @@ class TunnelService:
         ssl_context: ssl.SSLContext | None = None,
         ping_interval: float | None = PING_INTERVAL,
         ping_timeout: float | None = PING_TIMEOUT,
+        max_message: int = MAX_WS_MESSAGE,
+        max_frame: int = MAX_MESSAGE,
+        bandwidth: Bandwidth | None = None,
     ) -> None:
         self._registry = registry
+        self._max_message = max_message
+        self._max_frame = max_frame
+        self._bandwidth = bandwidth
+        self._buckets: dict[tuple[str, Mode], TokenBucket] = {}
+        #: seconds the bandwidth cap has held messages back, in total (a statistic)
+        self.paced_seconds = 0.0
         self._ssl = ssl_context
         self._ping_interval = ping_interval
         self._ping_timeout = ping_timeout
@@ -171,7 +199,7 @@ class TunnelService:
             process_response=self._process_response,
             select_subprotocol=self._select_subprotocol,
             compression=None,
-            max_size=MAX_WS_MESSAGE,
+            max_size=self._max_message,
             max_queue=MAX_QUEUE,
             ping_interval=self._ping_interval,
             ping_timeout=self._ping_timeout,
@@ -185,6 +213,12 @@ class TunnelService:
         shown = f"[{host}]" if ":" in host else host
         self._url = f"{scheme}://{shown}:{self._port}"
         log.info("listening on %s", self._url)
+        if self._bandwidth is not None:
+            log.info(
+                "bandwidth cap: %.0f bytes/s per tunnel and direction, bursts of %.0f bytes",
+                self._bandwidth.rate,
+                self._bandwidth.burst,
+            )
         return self._port
 
     async def close(self) -> None:
@@ -236,16 +270,70 @@ class TunnelService:
         """
         self._registry.close_tunnel(tunnel_id)
         log.info("tunnel %s closed", tunnel_id)
+        await self.end_tunnel(tunnel_id, "tunnel closed")
+
+    async def end_tunnel(self, tunnel_id: str, reason: str) -> None:
+        """Close both connections of a tunnel with code 1000 and ``reason``, without STREAM_RESETs.
+
+        The caller has closed (or deleted) the tunnel in the registry first, so that no new
+        connection is admitted.
+        """
+        self._drop_buckets(tunnel_id)
         pairing = self._pairings.pop(tunnel_id, None)
         if pairing is None:
             return
         peers = [peer for mode in Mode if (peer := pairing.peer(mode)) is not None]
         for peer in peers:
             pairing.detach(peer.mode, peer)  # no STREAM_RESETs: both ends are closing
+        for mode in Mode:
+            self._sync_state(tunnel_id, mode)
         self._notify_peers_changed()
-        await asyncio.gather(
-            *(p.ws.close(CloseCode.NORMAL_CLOSURE, "tunnel closed") for p in peers)
-        )
+        await asyncio.gather(*(p.ws.close(CloseCode.NORMAL_CLOSURE, reason) for p in peers))
+
+    async def disconnect(self, tunnel_id: str, modes: Iterable[Mode], reason: str) -> None:
+        """Close the connections of ``modes`` of a tunnel with code 1000 and ``reason``.
+
+        The other end stays connected and gets STREAM_RESETs for the active streams (used when
+        the access tokens of ``modes`` are rotated).
+        """
+        pairing = self._pairings.get(tunnel_id)
+        if pairing is None:
+            return
+        peers = [peer for mode in modes if (peer := pairing.peer(mode)) is not None]
+        for peer in peers:
+            log.info("%s: closing: %s", peer, reason)
+        await asyncio.gather(*(p.ws.close(CloseCode.NORMAL_CLOSURE, reason) for p in peers))
+
+    def _sync_state(self, tunnel_id: str, mode: Mode) -> None:
+        """Record in the registry whether a ``mode`` peer of the tunnel is connected."""
+        self._registry.set_connected(tunnel_id, mode, self.peer_connected(tunnel_id, mode))
+
+    def _drop_buckets(self, tunnel_id: str) -> None:
+        for mode in Mode:
+            self._buckets.pop((tunnel_id, mode), None)
+
+    async def _pace(self, peer: _Peer, size: int) -> None:
+        """Charge ``size`` bytes to the sender's bucket; hold them while it is in debt."""
+        if self._bandwidth is None:
+            return
+        key = (peer.tunnel_id, peer.mode)
+        now = self._pace_time()
+        bucket = self._buckets.get(key)
+        if bucket is None:
+            bucket = TokenBucket(self._bandwidth.rate, self._bandwidth.burst, now)
+            self._buckets[key] = bucket
+        delay = bucket.take(size, now)
+        if delay > 0:
+            self.paced_seconds += delay
+            await self._pace_sleep(delay)
+
+    def _pace_time(self) -> float:
+        """The monotonic time of the bandwidth cap (a seam for tests)."""
+        return asyncio.get_running_loop().time()
+
+    async def _pace_sleep(self, delay: float) -> None:
+        """Hold a sender back for ``delay`` seconds (a seam for tests)."""
+        await asyncio.sleep(delay)
 
     # Handshake hooks (websockets calls them in this order, without awaiting in between).
 
@@ -293,7 +381,8 @@ class TunnelService:
     async def _handle(self, ws: ServerConnection) -> None:
         admission = self._admissions.pop(ws)
         tunnel_id, mode = admission.tunnel_id, admission.mode
-        if not self._registry.get(tunnel_id).is_open:  # closed since the handshake
+        tunnel = self._registry.find(tunnel_id)
+        if tunnel is None or not tunnel.is_open:  # closed or deleted since the handshake
             await ws.close(CloseCode.NORMAL_CLOSURE, "tunnel closed")
             return
         peer = _Peer(
@@ -304,11 +393,10 @@ class TunnelService:
             admission.version,
             str(ws.id),
         )
-        pairing = self._pairings.setdefault(
-            tunnel_id, Pairing(self._registry.get(tunnel_id).services)
-        )
+        pairing = self._pairings.setdefault(tunnel_id, Pairing(tunnel.services))
         replaced = pairing.peer(mode)
         resets = pairing.attach(mode, peer)
+        self._sync_state(tunnel_id, mode)
         self._notify_peers_changed()
         log.info(
             "peer connected: %s from %s, %s, client token %s",
@@ -334,6 +422,8 @@ class TunnelService:
             resets = pairing.detach(mode, peer)
             if pairing.empty and self._pairings.get(tunnel_id) is pairing:
                 del self._pairings[tunnel_id]
+                self._drop_buckets(tunnel_id)
+            self._sync_state(tunnel_id, mode)
             self._notify_peers_changed()
             log.info(
                 "peer disconnected: %s, close code %s %r, %d message(s) dropped",
@@ -346,7 +436,7 @@ class TunnelService:
 
     async def _relay(self, pairing: Pairing[_Peer], peer: _Peer) -> None:
         """Forward what ``peer`` sends until its connection closes."""
-        decoder = Decoder()
+        decoder = Decoder(self._max_frame)
         ws = peer.ws
         debug = log.isEnabledFor(logging.DEBUG)
         try:
@@ -372,6 +462,8 @@ class TunnelService:
                     for message in routing.reply:
                         log.debug("%s: answered with %s", peer, describe(message))
                 await self._send(peer, routing.reply)
+                if routing.forward:
+                    await self._pace(peer, len(data))
                 await self._send(pairing.peer(peer.mode.other), routing.forward)
         except ConnectionClosed:
             pass  # reported by the caller
@@ -381,7 +473,7 @@ class TunnelService:
         if not messages or peer is None or peer.ws.state is not State.OPEN:
             return
         try:
-            for chunk in pack(messages):
+            for chunk in pack(messages, self._max_message):
                 await peer.ws.send(chunk)
         except ConnectionClosed:
             pass  # its own handler reports the disconnection

@@ -96,11 +96,20 @@ class Harness:
 
     @contextlib.asynccontextmanager
     async def service(
-        self, registry: TunnelRegistry | None = None, *, tls: bool = True
+        self,
+        registry: TunnelRegistry | None = None,
+        *,
+        tls: bool = True,
+        cls: type[TunnelService] = TunnelService,
+        **options: Any,
     ) -> AsyncIterator[TunnelService]:
-        """A started service on 127.0.0.1 (TLS with the test CA unless ``tls`` is false)."""
+        """A started service on 127.0.0.1 (TLS with the test CA unless ``tls`` is false);
+        ``options`` go to the :class:`TunnelService` (``cls``) constructor."""
         context = self.pki.server_context() if tls else None
-        async with TunnelService(registry or self.registry(), ssl_context=context) as service:
+        if registry is None:
+            registry = self.registry()
+        service = cls(registry, ssl_context=context, **options)
+        async with service:
             await service.start()
             yield service
 
@@ -139,12 +148,12 @@ class Harness:
 
     @contextlib.asynccontextmanager
     async def peer(
-        self, service: TunnelService, mode: Mode | str, **kwargs: Any
+        self, service: TunnelService, mode: Mode | str, *, tunnel: str = TUNNEL, **kwargs: Any
     ) -> AsyncIterator[Peer]:
-        """A connected :class:`Peer`; waits until the service has attached it."""
+        """A connected :class:`Peer` of ``tunnel``; waits until the service has attached it."""
         async with self.connect(service, mode, **kwargs) as ws:
             async with asyncio.timeout(5000 * self.ms):
-                await service.wait_for_peer(TUNNEL, mode)
+                await service.wait_for_peer(tunnel, mode)
             yield Peer(ws)
 
     async def refusal(

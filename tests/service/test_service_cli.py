@@ -278,3 +278,21 @@ def test_subprocess_bad_tunnels_file(harness: Harness, tmp_path: Path) -> None:
         assert_one_line_error(err.decode(), str(path), "invalid JSON at line 1 column 2")
 
     harness.run(scenario())
+
+
+def test_tunnels_file_over_a_state(tmp_path: Path) -> None:
+    """Reloading the same file keeps a tunnel's state; a changed entry replaces it."""
+    path = tunnels_file(tmp_path, valid_document())
+    registry = TunnelRegistry()
+    load_tunnels(path, registry)
+    registry.claim("t1", Mode.SOURCE, None)
+    registry.close_tunnel("t1")
+    load_tunnels(path, registry)  # unchanged: the stored state wins
+    assert not registry.get("t1").is_open
+    assert registry.get("t1").source.used
+    document = valid_document()
+    document["tunnels"][0]["services"] = ["SSH1"]
+    load_tunnels(tunnels_file(tmp_path, document), registry)
+    assert registry.get("t1").is_open
+    assert registry.get("t1").services == ("SSH1",)
+    assert not registry.get("t1").source.used

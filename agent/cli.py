@@ -1,0 +1,76 @@
+"""The ``iotunnel-agent`` command (also ``python -m agent``).
+
+Exit codes: 0 after SIGTERM/SIGINT (every proxy child stopped first), 1 for an internal error,
+2 for a bad setting (one line on stderr naming the key, never a traceback).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from agent.config import PROG, CheckOnly, CliExit, ConfigError, load, summary
+from agent.logs import configure
+from agent.systemd import Notifier
+
+EXIT_INTERNAL = 1
+EXIT_CONFIG = 2
+EXIT_INTERRUPTED = 130
+
+log = logging.getLogger("agent")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parse the settings and run the agent.
+
+    Args:
+        argv: The arguments without the program name; ``sys.argv[1:]`` when ``None``.
+
+    Returns:
+        The process exit code.
+    """
+    # systemd's variables leave the environment here, before anything could start a child.
+    notifier = Notifier.from_environ(os.environ)
+    environ = dict(os.environ)
+    try:
+        loaded = load(sys.argv[1:] if argv is None else argv, environ, Path.cwd())
+    except ConfigError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        notifier.close()
+        return EXIT_CONFIG
+    if isinstance(loaded, CliExit):
+        sys.stdout.write(loaded.output)
+        notifier.close()
+        return loaded.code
+    # Imported late: --help, --version and bad settings never load awscrt.
+    from agent.daemon import run
+    from agent.mqtt import tls_problem
+
+    settings = loaded.settings if isinstance(loaded, CheckOnly) else loaded
+    problem = tls_problem(settings)
+    if problem is not None:
+        print(f"{PROG}: error: {problem}", file=sys.stderr)
+        notifier.close()
+        return EXIT_CONFIG
+    if isinstance(loaded, CheckOnly):
+        sys.stdout.write(summary(settings))
+        notifier.close()
+        return 0
+    redactor = configure(settings.log_level, sys.stderr, journal=not sys.stderr.isatty())
+    log.info(
+        "%s starting: thing %s, mappings in %s", PROG, settings.thing_name, settings.mapping_dir
+    )
+    try:
+        return run(settings, notifier, environ, redactor)
+    except KeyboardInterrupt:  # Ctrl-C before the loop took over SIGINT
+        return EXIT_INTERRUPTED
+    except Exception:
+        log.exception("internal error")
+        return EXIT_INTERNAL
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,315 @@
+"""The agent's event loop: MQTT events in, supervisor decisions carried out, systemd told.
+
+Long-lived tasks run in one :class:`asyncio.TaskGroup`: the MQTT event reader, the watchdog
+pinger, the status updater and one task per proxy child. CRT callbacks reach the loop only as
+queued events (:mod:`agent.mqtt`). The :class:`~agent.supervisor.Supervisor` decides; this
+module carries out its actions in order, without awaiting in between.
+
+SIGTERM and SIGINT: STOPPING=1, stop every child (SIGTERM, then SIGKILL after a grace period),
+disconnect from the broker, exit 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Mapping
+
+from agent.config import AgentSettings
+from agent.logs import Redactor, tagged
+from agent.mqtt import Connected, ConnectFailed, Disconnected, Message, MqttLink
+from agent.notify import Notification, Rejection, parse
+from agent.proxy_runner import ProxyChild, child_argv, child_environment
+from agent.supervisor import (
+    Action,
+    CancelRestart,
+    Log,
+    ScheduleRestart,
+    StartProxy,
+    StopProxy,
+    Supervisor,
+)
+from agent.systemd import Notifier, watchdog_pings
+from proxy.config import Mode, read_mapping_dir
+from proxy.errors import ConfigError as ProxyConfigError
+
+__all__ = ["Agent", "run"]
+
+log = logging.getLogger("agent")
+
+#: Seconds between SIGTERM and SIGKILL when a child is stopped.
+STOP_GRACE = 10.0
+#: Seconds between subscription attempts the broker refused.
+RESUBSCRIBE_DELAY = 30.0
+#: Seconds that status changes are gathered into one STATUS= message.
+STATUS_COALESCE = 0.2
+
+
+class Agent:
+    """The running agent.
+
+    Args:
+        settings: The validated settings.
+        notifier: The systemd notifier (a no-op one off systemd).
+        base_env: The environment children start from (systemd's variables already removed).
+        redactor: The log filter that must learn every token.
+    """
+
+    def __init__(
+        self,
+        settings: AgentSettings,
+        notifier: Notifier,
+        base_env: Mapping[str, str],
+        redactor: Redactor,
+    ) -> None:
+        self.settings = settings
+        self.notifier = notifier
+        self.base_env = dict(base_env)
+        self.redactor = redactor
+        self.supervisor = Supervisor(settings.max_tunnels)
+        self.children: dict[str, ProxyChild] = {}
+        self.connection = "connecting"
+        self.ready = False
+        self._tg: asyncio.TaskGroup | None = None
+        self._child_tasks: set[asyncio.Task[None]] = set()
+        self._subscriber: asyncio.Task[None] | None = None
+        self._timers: dict[str, asyncio.TimerHandle] = {}
+        self._secrets: dict[str, tuple[str, str]] = {}
+        self._status_changed = asyncio.Event()
+        self._all_stopped = asyncio.Event()
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def run(self, stop: asyncio.Event) -> int:
+        """Run until ``stop`` is set; returns the exit code (0)."""
+        link = MqttLink(self.settings, asyncio.get_running_loop())
+        try:
+            async with asyncio.TaskGroup() as tg:
+                self._tg = tg
+                background = [
+                    tg.create_task(self._mqtt_events(link), name="agent.mqtt_events"),
+                    tg.create_task(watchdog_pings(self.notifier), name="agent.watchdog"),
+                    tg.create_task(self._status_updates(), name="agent.status"),
+                ]
+                link.start()
+                await stop.wait()
+                self.notifier.stopping()
+                log.info("stopping: %d tunnel(s) to close", self.supervisor.active)
+                self._carry_out(self.supervisor.shutdown())
+                await link.stop()
+                await self._wait_for_children()
+                for task in [*background, *self._child_tasks]:
+                    task.cancel()
+                if self._subscriber is not None:
+                    self._subscriber.cancel()
+        finally:
+            for timer in self._timers.values():
+                timer.cancel()
+        log.info("stopped")
+        return 0
+
+    async def _wait_for_children(self) -> None:
+        """Until every child has exited; the ones still there after the grace are cancelled
+        by the caller (a cancelled child task kills its process)."""
+        if self.supervisor.idle:
+            return
+        try:
+            async with asyncio.timeout(STOP_GRACE + 5):
+                await self._all_stopped.wait()
+        except TimeoutError:
+            log.error("proxies still running after %.0f s; killing them", STOP_GRACE + 5)
+
+    # ------------------------------------------------------------------ MQTT
+
+    async def _mqtt_events(self, link: MqttLink) -> None:
+        while True:
+            event = await link.events.get()
+            match event:
+                case Connected(rejoined=rejoined):
+                    log.info(
+                        "connected to the MQTT broker%s",
+                        " (session rejoined)" if rejoined else "",
+                    )
+                    self._set_connection("connected, subscribing")
+                    self._restart_subscriber(link)
+                case ConnectFailed(reason=reason):
+                    log.warning("cannot connect to the MQTT broker: %s; retrying", reason)
+                    self._set_connection(f"cannot connect ({reason})")
+                case Disconnected() if self.supervisor.shutting_down:
+                    log.info("disconnected from the MQTT broker")
+                case Disconnected(reason=reason):
+                    log.warning("lost the MQTT connection: %s; reconnecting", reason)
+                    if self._subscriber is not None:
+                        self._subscriber.cancel()
+                    self._set_connection(f"disconnected ({reason})")
+                case Message(topic=topic, payload=payload):
+                    self._on_message(topic, payload)
+                case _:  # pragma: no cover - MqttLink makes nothing else
+                    raise AssertionError(f"unexpected MQTT event {event!r}")
+
+    def _restart_subscriber(self, link: MqttLink) -> None:
+        """Subscribe on this connection (a broker that lost the session lost the subscription)."""
+        assert self._tg is not None
+        if self._subscriber is not None:
+            self._subscriber.cancel()
+        self._subscriber = self._tg.create_task(self._subscribe(link), name="agent.subscribe")
+
+    async def _subscribe(self, link: MqttLink) -> None:
+        topic = self.settings.topic
+        while (problem := await link.subscribe(topic)) is not None:
+            log.error(
+                "cannot subscribe to %s: %s; retrying in %.0f s", topic, problem, RESUBSCRIBE_DELAY
+            )
+            await asyncio.sleep(RESUBSCRIBE_DELAY)
+        log.info("subscribed to %s", topic)
+        self._set_connection("connected")
+        if not self.ready:
+            self.ready = True
+            self.notifier.ready(self.summary())
+            log.info("ready: waiting for tunnel notifications")
+
+    def _on_message(self, topic: str, payload: bytes) -> None:
+        if topic != self.settings.topic:
+            log.debug("ignoring a message on %s", topic)
+            return
+        directory = str(self.settings.mapping_dir)
+        try:
+            mappings = read_mapping_dir(self.settings.mapping_dir, mode=Mode.DESTINATION)
+        except ProxyConfigError as exc:
+            log.error("notification rejected: cannot read the service mappings: %s", exc)
+            return
+        result = parse(payload, {m.service_id for m in mappings}, mapping_dir=directory)
+        if isinstance(result, Rejection):
+            log.warning("notification rejected: %s", result.reason)
+            return
+        self._notified(result)
+
+    def _notified(self, notification: Notification) -> None:
+        self._carry_out(self.supervisor.notified(notification))
+
+    # ------------------------------------------------------------------ actions
+
+    def _carry_out(self, actions: list[Action]) -> None:
+        """Do what the supervisor decided, in order; never awaits."""
+        for action in actions:
+            match action:
+                case Log(level=level, message=message, tag=tag):
+                    log.log(level, "%s", message, extra=tagged(tag))
+                case StartProxy():
+                    self._start(action)
+                case StopProxy(tag=tag):
+                    child = self.children.get(tag)
+                    if child is not None:
+                        child.stop()
+                case ScheduleRestart(tag=tag, delay=delay):
+                    loop = asyncio.get_running_loop()
+                    self._timers[tag] = loop.call_later(delay, self._restart_due, tag)
+                case CancelRestart(tag=tag):
+                    timer = self._timers.pop(tag, None)
+                    if timer is not None:
+                        timer.cancel()
+                    self._forget(tag)
+                case _:  # pragma: no cover - the supervisor makes nothing else
+                    raise AssertionError(f"unexpected action {action!r}")
+        self._changed()
+
+    def _start(self, action: StartProxy) -> None:
+        assert self._tg is not None
+        token, client = action.notification.token, action.client_token
+        if action.tag not in self._secrets:
+            self._secrets[action.tag] = (token.reveal(), client.reveal())
+            self.redactor.add(token.reveal())
+            self.redactor.add(client.reveal())
+        child = ProxyChild(
+            action.tag,
+            child_argv(self.settings, action.notification),
+            child_environment(self.base_env, token, client),
+            on_streams=self._changed,
+            stop_grace=STOP_GRACE,
+        )
+        self.children[action.tag] = child
+        task = self._tg.create_task(self._run_child(child), name=f"agent[{action.tag}].proxy")
+        self._child_tasks.add(task)
+        task.add_done_callback(self._child_tasks.discard)
+
+    async def _run_child(self, child: ProxyChild) -> None:
+        code, uptime = await child.run()
+        if self.children.get(child.tag) is child:
+            del self.children[child.tag]
+        self._carry_out(self.supervisor.child_exited(child.tag, code, uptime))
+        if self.supervisor.state(child.tag) is None:
+            self._forget(child.tag)
+        if self.supervisor.shutting_down and self.supervisor.idle:
+            self._all_stopped.set()
+
+    def _restart_due(self, tag: str) -> None:
+        self._timers.pop(tag, None)
+        self._carry_out(self.supervisor.restart_due(tag))
+
+    def _forget(self, tag: str) -> None:
+        """The tunnel is over: its tokens need no redaction any more."""
+        for secret in self._secrets.pop(tag, ()):
+            self.redactor.discard(secret)
+
+    # ------------------------------------------------------------------ status
+
+    def summary(self) -> str:
+        """The one-line status: connection, tunnels, streams."""
+        tunnels = self.supervisor.active
+        streams = sum(len(child.streams) for child in self.children.values())
+        return (
+            f"MQTT {self.connection}; {tunnels} tunnel{'' if tunnels == 1 else 's'}, "
+            f"{streams} stream{'' if streams == 1 else 's'}"
+        )
+
+    def _set_connection(self, text: str) -> None:
+        self.connection = text
+        self._changed()
+
+    def _changed(self) -> None:
+        self._status_changed.set()
+
+    async def _status_updates(self) -> None:
+        last = ""
+        while True:
+            await self._status_changed.wait()
+            await asyncio.sleep(STATUS_COALESCE)
+            self._status_changed.clear()
+            text = self.summary()
+            if text != last:
+                self.notifier.status(text)
+                log.debug("status: %s", text)
+                last = text
+
+
+def run(
+    settings: AgentSettings, notifier: Notifier, base_env: Mapping[str, str], redactor: Redactor
+) -> int:
+    """Run the agent until SIGTERM or SIGINT; returns the exit code."""
+
+    async def main() -> int:
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+
+        def on_signal(sig: signal.Signals) -> None:
+            if not stop.is_set():
+                log.info("received %s", sig.name)
+                stop.set()
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, on_signal, sig)
+        loop.add_signal_handler(
+            signal.SIGHUP,
+            lambda: log.info(
+                "SIGHUP: settings are read at start (restart to apply); "
+                "mapping files are read for every notification"
+            ),
+        )
+        agent = Agent(settings, notifier, base_env, redactor)
+        return await agent.run(stop)
+
+    try:
+        return asyncio.run(main())
+    finally:
+        notifier.close()

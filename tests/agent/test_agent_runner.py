@@ -1,0 +1,173 @@
+"""agent.proxy_runner: the child's command line and environment, its output, its stop."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+from pathlib import Path
+
+import pytest
+
+from agent.config import AgentSettings
+from agent.notify import Notification
+from agent.proxy_runner import ProxyChild, StreamCounter, child_argv, child_environment
+from proxy.config import Secret
+
+TOKEN = Secret("destination-token-value")
+CLIENT = Secret("c" * 64)
+
+
+def settings(tunnel_endpoint: str | None = None, tunnel_ca: Path | None = None) -> AgentSettings:
+    return AgentSettings(
+        endpoint="broker",
+        port=8883,
+        client_id="thing-1",
+        thing_name="thing-1",
+        cert=Path("/c"),
+        key=Path("/k"),
+        root_ca=None,
+        mapping_dir=Path("/etc/iotunnel/destination.d"),
+        tunnel_endpoint=tunnel_endpoint,
+        tunnel_ca=tunnel_ca,
+        max_tunnels=4,
+        log_level=logging.INFO,
+        config_file=None,
+    )
+
+
+NOTE = Notification(TOKEN, "eu-west-1", ("SSH1",))
+
+
+def test_argv_uses_the_region_and_never_holds_a_token() -> None:
+    argv = child_argv(settings(), NOTE)
+    assert argv[:3] == [sys.executable, "-m", "proxy"]
+    assert argv[3:] == [
+        "-m", "dst", "--config-dir", "/etc/iotunnel/destination.d", "-r", "eu-west-1", "-v", "5",
+    ]  # fmt: skip
+    assert TOKEN.reveal() not in " ".join(argv)
+
+
+def test_argv_with_a_tunnel_endpoint_override() -> None:
+    argv = child_argv(settings("wss://127.0.0.1:8443", Path("/ca.pem")), NOTE)
+    assert argv[5:] == [
+        "--config-dir", "/etc/iotunnel/destination.d",
+        "-e", "wss://127.0.0.1:8443", "-c", "/ca.pem", "-v", "5",
+    ]  # fmt: skip
+    assert "-r" not in argv
+
+
+def test_environment_carries_the_tokens_and_nothing_of_systemd() -> None:
+    base = {
+        "PATH": "/usr/bin",
+        "NOTIFY_SOCKET": "/run/systemd/notify",
+        "WATCHDOG_USEC": "1",
+        "WATCHDOG_PID": "1",
+        "IOTUNNEL_CLIENT_ID": "x",
+        "AWSIOT_TUNNEL_ENDPOINT": "elsewhere",
+        "PYTHONPATH": "/opt/lib",
+    }
+    env = child_environment(base, TOKEN, CLIENT)
+    assert env["AWSIOT_TUNNEL_ACCESS_TOKEN"] == TOKEN.reveal()
+    assert env["AWSIOT_TUNNEL_CLIENT_TOKEN"] == CLIENT.reveal()
+    assert env["PATH"] == "/usr/bin"
+    assert env["PYTHONPATH"].endswith(":/opt/lib")
+    for gone in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "IOTUNNEL_CLIENT_ID"):
+        assert gone not in env
+    assert "AWSIOT_TUNNEL_ENDPOINT" not in env
+
+
+def test_stream_counter() -> None:
+    counter = StreamCounter()
+    assert counter.feed("proxy: connection HTTP1/1/1: connected to the local service")
+    assert counter.feed("proxy: connection SSH1/2/1: connected to the local service")
+    assert not counter.feed("proxy: connection SSH1/2/1: cannot connect to 22: refused")
+    assert len(counter) == 2
+    assert counter.feed("proxy: connection HTTP1/1/1 closed locally")
+    assert not counter.feed("proxy: connection HTTP1/1/1 closed by the peer")  # already gone
+    assert len(counter) == 1
+    assert counter.feed("proxy: lost the connection to the tunnel service; reconnecting")
+    assert len(counter) == 0
+
+
+FAKE_PROXY = """
+import sys
+print("2025-01-01 10:00:00,000 INFO proxy: starting in destination mode")
+print("2025-01-01 10:00:00,001 DEBUG proxy: connection A/1/1: connected to the local service")
+print("2025-01-01 10:00:00,002 ERROR proxy: internal error")
+print("Traceback (most recent call last):")
+print("2025-01-01 10:00:00,003 WARNING proxy: giving up")
+sys.exit(4)
+"""
+
+
+def test_output_is_relogged_tagged_at_the_proxy_level(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG, logger="agent.proxy")
+    changes: list[int] = []
+    child = ProxyChild("t7", [sys.executable, "-c", FAKE_PROXY], {}, on_streams=lambda: None)
+    child._on_streams = lambda: changes.append(len(child.streams))
+    code, uptime = asyncio.run(child.run())
+    assert code == 4
+    assert uptime >= 0
+    relayed = [
+        (r.levelno, r.getMessage(), getattr(r, "tunnel", None))
+        for r in caplog.records
+        if r.name == "agent.proxy"
+    ]
+    assert relayed[0][0] == logging.INFO
+    assert relayed[0][1].startswith("started a destination proxy, pid ")
+    assert relayed[1:] == [
+        (logging.INFO, "proxy: starting in destination mode", "t7"),
+        (logging.DEBUG, "proxy: connection A/1/1: connected to the local service", "t7"),
+        (logging.ERROR, "proxy: internal error", "t7"),
+        (logging.ERROR, "Traceback (most recent call last):", "t7"),
+        (logging.WARNING, "proxy: giving up", "t7"),
+    ]
+    assert changes == [1, 0]  # opened, then cleared when the process ended
+
+
+SLEEPER = "import time\nprint('2025-01-01 10:00:00,000 INFO proxy: up', flush=True)\ntime.sleep(60)"
+STUBBORN = (
+    "import signal, time\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+    "print('2025-01-01 10:00:00,000 INFO proxy: up', flush=True)\ntime.sleep(60)"
+)
+
+
+@pytest.mark.parametrize(
+    ("script", "code"), [(SLEEPER, -signal.SIGTERM), (STUBBORN, -signal.SIGKILL)]
+)
+def test_stop_terminates_then_kills(
+    script: str, code: int, ms: float, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="agent.proxy")
+
+    async def scenario() -> int:
+        child = ProxyChild(
+            "t1", [sys.executable, "-c", script], {}, on_streams=lambda: None, stop_grace=0.2
+        )
+        up = asyncio.Event()
+
+        class Seen(logging.Handler):
+            def emit(self, record: logging.LogRecord) -> None:
+                if record.getMessage() == "proxy: up":
+                    up.set()
+
+        handler = Seen()
+        logging.getLogger("agent.proxy").addHandler(handler)
+        try:
+            task = asyncio.create_task(child.run())
+            await asyncio.wait_for(up.wait(), 20_000 * ms)  # its SIGTERM handler is in place
+            child.stop()
+            got, _ = await asyncio.wait_for(task, 20_000 * ms)
+        finally:
+            logging.getLogger("agent.proxy").removeHandler(handler)
+        return got
+
+    assert asyncio.run(scenario()) == code
+
+
+def test_a_child_that_cannot_start_is_a_crash(caplog: pytest.LogCaptureFixture) -> None:
+    child = ProxyChild("t1", ["/nonexistent/python"], {}, on_streams=lambda: None)
+    assert asyncio.run(child.run()) == (1, 0.0)
+    assert "cannot start the proxy" in caplog.text
