@@ -6,15 +6,19 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 # Debian packages the test suite drives for real (installed only when missing and root).
-SYSTEM_PACKAGES ?= mosquitto openssh-server openssh-client
+SYSTEM_PACKAGES ?= mosquitto openssh-server openssh-client \
+                   lintian systemd binutils binutils-aarch64-linux-gnu linux-libc-dev
+# Architectures `make deb` builds (packaging/build_deb.py; armhf: see packaging/README.md).
+DEB_ARCHES ?= amd64 arm64
 
-.PHONY: help demo test lint typecheck unit venv system-deps proto bench clean
+.PHONY: help demo test lint typecheck unit venv system-deps proto bench clean deb
 
 help:
 	@echo "make demo   - the whole walk-through on loopback: open-tunnel, the agent, HTTP and SSH at once"
 	@echo "make test   - install what the tests need and run lint, types and the whole suite"
 	@echo "make bench  - run the benchmarks (bench/RESULTS.md)"
 	@echo "make proto  - regenerate proxy/protocol/_pb from Message.proto"
+	@echo "make deb    - build dist/iotunnel_<version>_{amd64,arm64}.deb (packaging/README.md)"
 
 $(BIN)/python:
 	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "Python >= 3.11 is required"'
@@ -46,7 +50,7 @@ lint: venv
 	$(BIN)/ruff format --check proxy/protocol
 
 typecheck: venv
-	$(BIN)/mypy proxy service bench agent
+	$(BIN)/mypy proxy service bench agent packaging
 
 unit: venv
 	$(BIN)/pytest -q -m "not e2e"
@@ -63,5 +67,8 @@ bench: venv
 proto: venv
 	$(BIN)/python -m grpc_tools.protoc -I proxy/protocol --python_out=proxy/protocol/_pb proxy/protocol/Message.proto
 
+deb: venv system-deps
+	$(BIN)/python packaging/build_deb.py $(addprefix --arch=,$(DEB_ARCHES))
+
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis .demo build *.egg-info
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis .demo build dist *.egg-info

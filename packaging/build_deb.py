@@ -16,17 +16,21 @@ For each architecture (amd64 and arm64 by default) this stages a root tree and p
 
 It runs on any architecture: wheels for another one are only unpacked, never run. Downloads
 (PyPI through pip) are cached in ~/.cache/iotunnel/deb-wheels and checked against the lock's
-sha256 sums, so a second build needs no network. Every ELF file in the tree must be for the
-package's architecture, and is stripped as dh_strip would (binutils for that architecture,
-e.g. binutils-aarch64-linux-gnu, or llvm-strip).
+sha256 sums, so a second build needs no network. armhf (``--arch armhf``) needs a locally built
+awscrt wheel (``--wheelhouse DIR``): PyPI has no armv7l wheel of it (packaging/README.md).
+Every ELF file in the tree must be for the package's architecture, and is stripped as dh_strip
+would (binutils for that architecture, e.g. binutils-aarch64-linux-gnu, or llvm-strip).
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
+import csv
 import email.parser
 import gzip
 import hashlib
+import importlib.metadata
 import io
 import os
 import re
@@ -51,6 +55,8 @@ PREFIX = Path("opt/iotunnel")
 #: The console scripts of pyproject.toml that the device package puts in /usr/bin.
 #: (iotunnel-service is not vendored: its management API needs botocore; pip installs it.)
 ENTRY_POINTS = ("iotunnel-agent", "iotunnel-proxy")
+#: Vendored distributions that a package may go without (the ``speed`` extra).
+OPTIONAL = frozenset({"uvloop"})
 #: Packages of the iotunnel wheel that stay out of the device package.
 PRUNED = ("bench", "service")
 #: NAME lines of the manual pages.
@@ -138,12 +144,8 @@ def source_date_epoch() -> int:
 
 
 def _dist_of(filename: str) -> tuple[str, str]:
-    """(canonical name, version) of a wheel or sdist file name."""
-    if filename.endswith(".whl"):
-        name, version = filename.split("-")[:2]
-    else:
-        stem = re.sub(r"\.(tar\.gz|zip)$", "", filename)
-        name, _, version = stem.rpartition("-")
+    """(canonical name, version) of a wheel's file name."""
+    name, version = filename.split("-")[:2]
     return re.sub(r"[-_.]+", "-", name).lower(), version
 
 
@@ -157,65 +159,87 @@ def _cached(pin: lock.Pin, directory: Path) -> Path | None:
     return None
 
 
-def fetch(pins: Sequence[lock.Pin], target: Target, cache: Path) -> list[Path]:
-    """The locked file of every pin for ``target``: from the cache, or downloaded into it."""
+def _pip_download(pins: Sequence[lock.Pin], target: Target, directory: Path) -> bool:
+    """Download the locked wheels of ``pins`` for ``target``; False if pip could not."""
+    with tempfile.NamedTemporaryFile("w", suffix=".txt") as requirements:
+        requirements.write("".join(pin.line() + "\n" for pin in pins))
+        requirements.flush()
+        command = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps"]
+        command += ["--only-binary=:all:", "--require-hashes", "--dest", str(directory)]
+        command += [*lock.pip_platform_args(target.wheel), "-r", requirements.name]
+        done = subprocess.run(command, capture_output=True, text=True, check=False)
+    return done.returncode == 0
+
+
+def _from_wheelhouse(pin: lock.Pin, target: Target, wheelhouse: Path | None) -> Path | None:
+    """A wheel of ``pin`` for ``target`` that was built locally (not hash-checked)."""
+    if wheelhouse is None:
+        return None
+    for path in sorted(wheelhouse.glob("*.whl")):
+        platform = path.name.removesuffix(".whl").rsplit("-", 1)[-1]
+        if _dist_of(path.name) == (pin.name, pin.version) and (
+            platform == "any" or platform.endswith(target.wheel)
+        ):
+            return path
+    return None
+
+
+def fetch(
+    pins: Sequence[lock.Pin], target: Target, cache: Path, wheelhouse: Path | None = None
+) -> list[Path]:
+    """The locked wheel of every pin for ``target``, from the cache or downloaded into it; for a
+    distribution with no wheel for ``target`` on PyPI, one from ``wheelhouse``; an optional one
+    (:data:`OPTIONAL`) is left out."""
     directory = cache / target.wheel
     missing = [pin for pin in pins if _cached(pin, directory) is None]
     if missing:
         directory.mkdir(parents=True, exist_ok=True)
         log(f"downloading for {target.wheel}: {', '.join(p.name for p in missing)}")
-        with tempfile.NamedTemporaryFile("w", suffix=".txt") as requirements:
-            requirements.write("".join(pin.line() + "\n" for pin in missing))
-            requirements.flush()
-            run(
-                [
-                    sys.executable,
-                    "-m",
-                    "pip",
-                    "download",
-                    "--quiet",
-                    "--no-deps",
-                    "--require-hashes",
-                    "--dest",
-                    str(directory),
-                    *lock.pip_platform_args(target.wheel),
-                    "-r",
-                    requirements.name,
-                ]
-            )
+        if not _pip_download(missing, target, directory):
+            for pin in missing:  # one by one: which have no wheel for this architecture?
+                _pip_download([pin], target, directory)
     files = []
     for pin in pins:
-        found = _cached(pin, directory)
-        if found is None:
-            raise BuildError(f"{pin.name}=={pin.version}: no file for {target.wheel} in the lock")
-        files.append(found)
+        found = _cached(pin, directory) or _from_wheelhouse(pin, target, wheelhouse)
+        if found is not None:
+            if found.parent == wheelhouse:
+                log(
+                    f"{target.deb}: {found.name} from {wheelhouse} (built locally, not in the lock)"
+                )
+            files.append(found)
+        elif pin.name in OPTIONAL:
+            log(f"{target.deb}: no {target.wheel} wheel of {pin.name}: left out (optional)")
+        else:
+            raise BuildError(
+                f"{pin.name}=={pin.version}: no {target.wheel} wheel on PyPI (or no network); "
+                f"build one and pass its directory with --wheelhouse (packaging/README.md)"
+            )
     return files
 
 
-def wheel_of(path: Path, cache: Path) -> Path:
-    """``path`` if it is a wheel; else the wheel built from that sdist, which must be pure
-    Python (a compiled one would be for this machine, not the target)."""
-    if path.name.endswith(".whl"):
-        return path
-    out = cache / "built" / lock.sha256(path)
-    wheels = sorted(out.glob("*.whl")) if out.is_dir() else []
-    if not wheels:
-        log(f"building a wheel from {path.name}")
-        out.mkdir(parents=True, exist_ok=True)
-        run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "-w", str(out), str(path)])
-        wheels = sorted(out.glob("*.whl"))
-    if len(wheels) != 1 or not wheels[0].name.endswith("-none-any.whl"):
-        raise BuildError(
-            f"{path.name} has no wheel for the target and does not build as pure Python "
-            f"({[w.name for w in wheels]}): see packaging/README.md (armhf)"
-        )
-    return wheels[0]
+#: What the iotunnel wheel is not built from (a copy of the tree, so that the build leaves
+#: nothing behind in it and cannot race another build).
+_NOT_SOURCES = (".git", ".venv", "build", "dist", "tests", "*.egg-info", "__pycache__", ".*cache")
 
 
-def build_project_wheel(directory: Path) -> Path:
-    """iotunnel's own wheel, built from this tree."""
+def _setuptools_here() -> bool:
+    """Whether this interpreter has the setuptools pyproject.toml asks for (then no download)."""
+    try:
+        version = importlib.metadata.version("setuptools")
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return int(version.split(".")[0]) >= 68
+
+
+def build_project_wheel(directory: Path, when: int) -> Path:
+    """iotunnel's own wheel, built from a copy of this tree."""
     log("building the iotunnel wheel")
-    run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "-w", str(directory), str(ROOT)])
+    source = directory / "source"
+    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(*_NOT_SOURCES), symlinks=True)
+    isolation = ["--no-build-isolation"] if _setuptools_here() else []
+    pip_wheel = [sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", *isolation]
+    env = {**os.environ, "SOURCE_DATE_EPOCH": str(when)}
+    run([*pip_wheel, "-w", str(directory), str(source)], env=env)
     [wheel] = directory.glob("iotunnel-*.whl")
     return wheel
 
@@ -248,6 +272,26 @@ def install_wheels(wheels: Sequence[Path], target: Target, lib: Path) -> None:
         shutil.rmtree(cache)
 
 
+def tidy_dist_info(lib: Path) -> None:
+    """Make each RECORD list the files as packaged (pruned, stripped), without pip's notes of
+    where a wheel came from (direct_url.json holds a build path) and whether it was asked for."""
+    for dist_info in sorted(lib.glob("*.dist-info")):
+        for note in ("direct_url.json", "REQUESTED"):
+            (dist_info / note).unlink(missing_ok=True)
+        record = dist_info / "RECORD"
+        rows = []
+        for row in csv.reader(record.read_text().splitlines()):
+            path = lib / row[0]
+            if row[0] == str(record.relative_to(lib)):
+                rows.append([row[0], "", ""])
+            elif path.is_file() and "__pycache__" not in path.parts:
+                data = path.read_bytes()
+                digest = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=")
+                rows.append([row[0], "sha256=" + digest.decode(), str(len(data))])
+        with record.open("w", newline="") as file:
+            csv.writer(file, lineterminator="\n").writerows(rows)
+
+
 def entry_points(lib: Path) -> dict[str, tuple[str, str]]:
     """name -> (module, function) of iotunnel's console scripts."""
     [dist_info] = lib.glob("iotunnel-*.dist-info")
@@ -276,7 +320,8 @@ directory out of sys.path.
 import os
 import sys
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.realpath(__file__))), "lib"))
+PREFIX = os.path.dirname(os.path.dirname(os.path.realpath(__file__)))
+sys.path.insert(0, os.path.join(PREFIX, "lib"))
 
 from $module import $function  # noqa: E402
 
@@ -399,8 +444,8 @@ def _elf_header(path: Path) -> tuple[int, int] | None:
         head = file.read(20)
     if len(head) < 20 or head[:4] != b"\x7fELF":
         return None
-    order = "little" if head[5] == 1 else "big"
-    return head[4], int.from_bytes(head[18:20], order)
+    machine = head[18:20]
+    return head[4], int.from_bytes(machine, "little" if head[5] == 1 else "big")
 
 
 def check_elf(lib: Path, target: Target) -> list[Path]:
@@ -470,7 +515,13 @@ def manual_page(name: str, version: str, when: int) -> bytes:
     """NAME.1 from ``NAME --help`` (run from this tree: the text is the same on every arch)."""
     module = {"iotunnel-agent": "agent", "iotunnel-proxy": "proxy"}[name]
     env = {**os.environ, "COLUMNS": "80", "PYTHONPATH": str(ROOT)}
-    usage = run([sys.executable, "-m", module, "--help"], cwd=ROOT, env=env).stdout
+    try:
+        usage = run([sys.executable, "-m", module, "--help"], cwd=ROOT, env=env).stdout
+    except BuildError as exc:
+        raise BuildError(
+            f"{exc}\n(run the build with the project's virtualenv: make deb, or "
+            ".venv/bin/python packaging/build_deb.py)"
+        ) from None
     date = time.strftime("%Y-%m-%d", time.gmtime(when))
     files = {
         "iotunnel-agent": (
@@ -569,7 +620,9 @@ def write_control(
         "Description": description,
     }
     (control_dir / "control").write_text("".join(f"{k}: {v}\n" for k, v in fields.items()))
-    conffiles = sorted("/" + str(p.relative_to(stage)) for p in (stage / "etc").rglob("*") if p.is_file())
+    conffiles = sorted(
+        "/" + str(p.relative_to(stage)) for p in (stage / "etc").rglob("*") if p.is_file()
+    )
     (control_dir / "conffiles").write_text("".join(f"{c}\n" for c in conffiles))
     for script in ("postinst", "prerm", "postrm"):
         shutil.copyfile(DEBIAN / script, control_dir / script)
@@ -596,6 +649,7 @@ def build_one(
     pins: Sequence[lock.Pin],
     project_wheel: Path,
     cache: Path,
+    wheelhouse: Path | None,
     work: Path,
     out: Path,
     maintainer: str,
@@ -605,7 +659,7 @@ def build_one(
     if stage.exists():
         shutil.rmtree(stage)
     stage.mkdir(parents=True)
-    wheels = [wheel_of(path, cache) for path in fetch(pins, target, cache)]
+    wheels = fetch(pins, target, cache, wheelhouse)
     lib = stage / PREFIX / "lib"
     log(f"{target.deb}: installing {len(wheels) + 1} wheels into /{PREFIX}/lib")
     install_wheels([*wheels, project_wheel], target, lib)
@@ -613,9 +667,14 @@ def build_one(
     strip(elf_files, target)
     check_elf(stage, target)
     elf_files = [path.relative_to(stage) for path in elf_files]
+    tidy_dist_info(lib)
     write_entry_points(stage, lib, version)
     stage_files(stage, version, maintainer, when)
-    vendored = [f"{pin.name} {pin.version}" for pin in pins]
+    vendored = [
+        f"{meta['Name']} {meta['Version']}"
+        for meta in map(_metadata, sorted(lib.glob("*.dist-info")))
+        if meta["Name"] != PACKAGE
+    ]
     normalise(stage, when)
     depends = library_depends([stage / path for path in elf_files])
     write_control(stage, target, version, maintainer, vendored, depends)
@@ -634,6 +693,7 @@ def build(
     out: Path,
     work: Path,
     cache: Path,
+    wheelhouse: Path | None = None,
     version: str | None = None,
     maintainer: str | None = None,
 ) -> list[Built]:
@@ -643,13 +703,13 @@ def build(
     maintainer = maintainer or _maintainer()
     when = source_date_epoch()
     pins = lock.read_lock()
-    problems = lock.check(pins) if _venv_has_agent() else []
+    problems = lock.check(pins)
     if problems:
         raise BuildError("packaging/requirements.lock is stale: " + "; ".join(problems))
     work.mkdir(parents=True, exist_ok=True)
     wheel_dir = Path(tempfile.mkdtemp(prefix="wheel-", dir=work))
     try:
-        project_wheel = build_project_wheel(wheel_dir)
+        project_wheel = build_project_wheel(wheel_dir, when)
         return [
             build_one(
                 TARGETS[arch],
@@ -657,6 +717,7 @@ def build(
                 pins=pins,
                 project_wheel=project_wheel,
                 cache=cache,
+                wheelhouse=wheelhouse,
                 work=work,
                 out=out,
                 maintainer=maintainer,
@@ -666,15 +727,6 @@ def build(
         ]
     finally:
         shutil.rmtree(wheel_dir, ignore_errors=True)
-
-
-def _venv_has_agent() -> bool:
-    """Whether this interpreter has the vendored set installed (then the lock is checked)."""
-    try:
-        lock.resolve_from_venv(lock.top_level_requirements())
-    except SystemExit:
-        return False
-    return True
 
 
 def _maintainer() -> str:
@@ -700,6 +752,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=Path(os.environ.get("IOTUNNEL_DEB_CACHE") or DEFAULT_CACHE / "deb-wheels"),
         help="downloaded wheels (checked against the lock)",
     )
+    parser.add_argument(
+        "--wheelhouse",
+        type=Path,
+        help="locally built wheels for what PyPI has no wheel of (armhf: awscrt)",
+    )
     parser.add_argument("--version", help="package version (default: proxy.__version__)")
     args = parser.parse_args(argv)
     try:
@@ -708,6 +765,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             out=args.out,
             work=args.work,
             cache=args.cache,
+            wheelhouse=args.wheelhouse,
             version=args.version,
         )
     except BuildError as exc:

@@ -1,6 +1,12 @@
-"""iotunnel's self-hosted tunnel service: the AWS IoT Secure Tunneling ``/tunnel`` endpoint.
+"""iotunnel's self-hosted tunnel service: AWS IoT Secure Tunneling's ``/tunnel`` endpoint and
+management API.
 
-Layers: :mod:`service.registry` (tunnels and tokens), :mod:`service.handshake` (who may
-connect) and :mod:`service.pairing` (what is relayed) are pure; :mod:`service.server` is the
-thin websockets layer; :mod:`service.config` and :mod:`service.cli` are the command line.
+Layers: :mod:`service.registry` (tunnels and token digests), :mod:`service.handshake` (who may
+connect), :mod:`service.pairing` (what is relayed), :mod:`service.bandwidth` (the token bucket)
+and :mod:`service.control` (the operations, limits and lifetimes) hold the rules and do no I/O
+of their own; :mod:`service.store` keeps the registry in SQLite; :mod:`service.server` is the
+thin websockets layer (the data plane); :mod:`service.api` speaks AWS JSON 1.1 over
+:mod:`service.http` (h11), with :mod:`service.sigv4` checking signatures;
+:mod:`service.notify` publishes device notifications over MQTT; :mod:`service.config` and
+:mod:`service.cli` are the command line.
 """

@@ -157,6 +157,9 @@ class ManagementApi:
             response = await self.handle(targets[0] if len(targets) == 1 else None, body)
         except ApiError as exc:
             response = error_response(exc)
+        except Exception:
+            log.exception("api: request %s failed", request_id)
+            response = error_response(ApiError("internal error"))
         response = ApiResponse(response.status, response.body, response.error, request_id)
         log.info(
             "api: %s %s from %s -> %d%s",

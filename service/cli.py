@@ -318,7 +318,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=_int_range(1, 1_000_000),
         default=Limits().max_tunnels,
         metavar="N",
-        help="tunnels open at once through OpenTunnel (default %(default)s)",
+        help="open tunnels at once (the tunnels file's included) beyond which OpenTunnel "
+        "fails (default %(default)s)",
     )
     limits.add_argument(
         "--max-frame",
@@ -522,8 +523,7 @@ def _setup(args: argparse.Namespace) -> _Setup:
             clock=SystemClock(),
             service_ids=ServiceIdRule(args.service_id_pattern, args.max_service_id_length),
         )
-        if args.tunnels is not None:
-            load_tunnels(args.tunnels, registry)
+        load_tunnels(args.tunnels, registry)
     except BaseException:
         if store is not None:
             store.close()

@@ -39,12 +39,20 @@ class ConfigError(Exception):
     """Bad input; the message is one line, fit for ``iotunnel-service: error: ...``."""
 
 
-def load_tunnels(path: Path, registry: TunnelRegistry) -> None:
-    """Open every tunnel declared in the JSON file ``path`` in ``registry``.
+def load_tunnels(path: Path | None, registry: TunnelRegistry) -> None:
+    """Make the registry's static tunnels those declared in the JSON file ``path`` (none for
+    None).
+
+    A tunnel that the registry already has from its state file, unchanged (same services and
+    tokens), keeps its state (used tokens, closed status). A changed one is replaced, and static
+    tunnels no longer declared are removed.
 
     Raises:
         ConfigError: unreadable file, invalid JSON, or a bad or duplicate field.
     """
+    if path is None:
+        _prune_static(registry, set(), None)
+        return
     try:
         text = path.read_text(encoding="utf-8")
         mode = path.stat().st_mode
@@ -64,6 +72,12 @@ def load_tunnels(path: Path, registry: TunnelRegistry) -> None:
     tunnels = document["tunnels"]
     if not isinstance(tunnels, list):
         raise ConfigError(f"{path}: tunnels: must be a list")
+    declared = {
+        entry["tunnelId"]
+        for entry in tunnels
+        if isinstance(entry, dict) and isinstance(entry.get("tunnelId"), str)
+    }
+    _prune_static(registry, declared, path)
     seen: set[str] = set()
     for index, entry in enumerate(tunnels):
         where = f"{path}: tunnels[{index}]"
@@ -92,9 +106,19 @@ def load_tunnels(path: Path, registry: TunnelRegistry) -> None:
                 entry["services"],
                 entry["sourceAccessToken"],
                 entry["destinationAccessToken"],
+                static=True,
             )
         except InvalidTunnel as exc:
             raise ConfigError(f"{where}.{exc.field}: {exc.detail}") from None
+
+
+def _prune_static(registry: TunnelRegistry, keep: set[str], path: Path | None) -> None:
+    """Remove the static tunnels (from an earlier tunnels file) not in ``keep``."""
+    for tunnel in registry:
+        if tunnel.static and tunnel.tunnel_id not in keep:
+            where = f"{path}" if path is not None else "no tunnels file"
+            log.info("tunnel %s: not declared (%s): removed", tunnel.tunnel_id, where)
+            registry.delete_tunnel(tunnel.tunnel_id)
 
 
 def _check_entry(entry: Any, where: str) -> None:

@@ -346,12 +346,15 @@ class ControlPlane:
         """Expire tunnels and purge closed ones on time, until cancelled."""
         while True:
             self._wake.clear()
-            await self.expire_due()
-            self.purge_closed()
-            deadline = self.registry.next_deadline(self.settings.closed_retention)
             delay = MAX_SLEEP
-            if deadline is not None:
-                delay = min(MAX_SLEEP, max(0.0, deadline - self.registry.clock.now()))
+            try:
+                await self.expire_due()
+                self.purge_closed()
+                deadline = self.registry.next_deadline(self.settings.closed_retention)
+                if deadline is not None:
+                    delay = min(MAX_SLEEP, max(0.0, deadline - self.registry.clock.now()))
+            except Exception:  # a failing state file, say: keep trying, do not die silently
+                log.exception("lifetime scheduler failed; trying again in %.0f s", MAX_SLEEP)
             try:
                 async with asyncio.timeout(delay):
                     await self._wake.wait()

@@ -159,6 +159,8 @@ class Tunnel:
     tags: dict[str, str] = field(default_factory=dict)
     source_state: ConnectionState = field(default_factory=ConnectionState)
     destination_state: ConnectionState = field(default_factory=ConnectionState)
+    #: declared in the tunnels file (not opened through the API)
+    static: bool = False
 
     def grant(self, mode: Mode) -> Grant:
         """The grant of the ``mode`` end."""
@@ -299,6 +301,7 @@ class TunnelRegistry:
         lifetime_minutes: int | None = None,
         expires_at: float | None = None,
         tags: Mapping[str, str] | None = None,
+        static: bool = False,
     ) -> Tunnel:
         """Register a new open tunnel.
 
@@ -338,6 +341,7 @@ class TunnelRegistry:
             tags=dict(tags or {}),
             source_state=ConnectionState(False, now),
             destination_state=ConnectionState(False, now),
+            static=static,
         )
         self._index(tunnel)
         self._save(tunnel)

@@ -9,7 +9,9 @@ most ``MAX_QUEUE`` incoming messages per connection, then stops reading the sock
 With a bandwidth cap (:class:`Bandwidth`), each tunnel has a token bucket per direction: a
 handler charges each message it reads to its direction's bucket and, when the bucket is in
 debt, holds the message (and so stops reading from its sender) for exactly as long as the debt
-takes to pay back. One sleep per message at most; no per-byte work.
+takes to pay back. One sleep per message at most; no per-byte work. Bytes queued in front of
+the bucket wait in arrival order whatever their stream, so that queue is kept short (one
+WebSocket message, a small kernel receive buffer): the backlog stays in the sending proxy.
 
 The registry's connection states (``sourceConnectionState``/``destinationConnectionState`` of
 DescribeTunnel) follow the peers: set when the first peer of a mode attaches, cleared when the
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import ssl
 import weakref
 from collections.abc import Coroutine, Iterable, Sequence
@@ -91,10 +94,21 @@ ws_log.addFilter(_RedactFilter())
 
 @dataclass(frozen=True, slots=True)
 class Bandwidth:
-    """A per-tunnel, per-direction bandwidth cap: ``rate`` bytes/s, bursts of ``burst`` bytes."""
+    """A per-tunnel, per-direction bandwidth cap: ``rate`` bytes/s, bursts of ``burst`` bytes.
+
+    ``receive_buffer`` is the kernel receive buffer (SO_RCVBUF) of each connection while a cap
+    is on: what may queue, unordered by stream, in front of the bucket. By default about 20 ms
+    of the rate (at least 16 KiB): short enough that the backlog stays with the sender, long
+    enough not to limit the rate by the window on a real network.
+    """
 
     rate: float
     burst: float
+    receive_buffer: int = 0
+
+    def __post_init__(self) -> None:
+        if self.receive_buffer <= 0:
+            object.__setattr__(self, "receive_buffer", max(16 * 1024, int(self.rate * 0.02)))
 
 
 @dataclass(eq=False)
@@ -200,7 +214,8 @@ class TunnelService:
             select_subprotocol=self._select_subprotocol,
             compression=None,
             max_size=self._max_message,
-            max_queue=MAX_QUEUE,
+            # With a cap, queue as little as possible in front of the bucket (see start()).
+            max_queue=MAX_QUEUE if self._bandwidth is None else 1,
             ping_interval=self._ping_interval,
             ping_timeout=self._ping_timeout,
             open_timeout=OPEN_TIMEOUT,
@@ -208,6 +223,13 @@ class TunnelService:
             server_header="iotunnel-service",
             logger=ws_log,
         )
+        if self._bandwidth is not None:
+            # Bytes that wait in front of the bucket wait in arrival order, whatever stream
+            # they belong to. Keep that queue short: accepted sockets inherit the listener's
+            # receive buffer (and with it no window autotuning), so the backlog stays with the
+            # sender, where a fair scheduler can reorder it.
+            for sock in self._server.sockets:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self._bandwidth.receive_buffer)
         self._port = self._server.sockets[0].getsockname()[1]
         scheme = "ws" if self._ssl is None else "wss"
         shown = f"[{host}]" if ":" in host else host

@@ -58,6 +58,7 @@ def to_record(tunnel: Tunnel) -> dict[str, Any]:
             tunnel.destination_state.connected,
             tunnel.destination_state.updated_at,
         ],
+        "static": tunnel.static,
     }
 
 
@@ -86,6 +87,7 @@ def from_record(record: dict[str, Any]) -> Tunnel:
         destination_state=ConnectionState(
             bool(record["destinationState"][0]), record["destinationState"][1]
         ),
+        static=bool(record.get("static", False)),
     )
 
 

@@ -524,3 +524,18 @@ def test_without_credentials_unsigned_requests_are_accepted(api: ThreadedApi) ->
     conn.request("POST", "/", body=b"{}", headers={"X-Amz-Target": TARGET + "ListTunnels"})
     assert conn.getresponse().status == 200
     conn.close()
+
+
+def test_an_internal_failure_is_a_500_and_logged(caplog: pytest.LogCaptureFixture) -> None:
+    class Broken(ControlPlane):
+        def describe(self, tunnel_id: str) -> Any:
+            raise RuntimeError("disk on fire")
+
+    async def scenario() -> Any:
+        api = ManagementApi(Broken(TunnelRegistry()))
+        return await api.handle(TARGET + "DescribeTunnel", b'{"tunnelId": "t"}')
+
+    response = asyncio.run(scenario())
+    assert response.status == 500
+    assert json.loads(response.body) == {"__type": "InternalFailure", "message": "internal error"}
+    assert "disk on fire" in caplog.text  # in the log, not in the answer

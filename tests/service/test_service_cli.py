@@ -296,3 +296,18 @@ def test_tunnels_file_over_a_state(tmp_path: Path) -> None:
     assert registry.get("t1").is_open
     assert registry.get("t1").services == ("SSH1",)
     assert not registry.get("t1").source.used
+
+
+def test_static_tunnels_follow_the_file(tmp_path: Path) -> None:
+    registry = TunnelRegistry()
+    api_tunnel = registry.open_tunnel("api", ["S"], "api-source-token-0123", "api-destination-0123")
+    load_tunnels(tunnels_file(tmp_path, valid_document()), registry)
+    assert registry.get("t1").static
+    assert not api_tunnel.static
+    load_tunnels(tunnels_file(tmp_path, {"tunnels": []}), registry)
+    assert registry.find("t1") is None
+    assert registry.find("api") is api_tunnel  # the file speaks for its own tunnels only
+    load_tunnels(tunnels_file(tmp_path, valid_document()), registry)
+    load_tunnels(None, registry)
+    assert registry.find("t1") is None
+    assert registry.find("api") is api_tunnel
