@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import socket
 import ssl
 import weakref
 from collections.abc import Coroutine, Iterable, Sequence
@@ -42,6 +41,7 @@ from websockets.http11 import Request, Response
 from websockets.protocol import State
 from websockets.typing import Subprotocol
 
+from proxy.io.sockets import RECEIVE_BUFFER, tune_listener, tune_transport
 from proxy.protocol.errors import RemoteProtocolError
 from proxy.protocol.framing import Decoder
 from proxy.protocol.messages import MAX_MESSAGE, Message
@@ -59,6 +59,8 @@ PING_INTERVAL = 20.0
 PING_TIMEOUT = 60.0
 #: Incoming WebSocket messages websockets buffers per connection before it stops reading.
 MAX_QUEUE = 4
+#: websockets' write buffer high-water mark per connection (small: see _handle).
+WRITE_LIMIT = 16 * 1024
 #: Seconds allowed for the opening and the closing handshakes.
 OPEN_TIMEOUT = 10.0
 CLOSE_TIMEOUT = 10.0
@@ -157,6 +159,7 @@ class TunnelService:
         self._max_message = max_message
         self._max_frame = max_frame
         self._bandwidth = bandwidth
+        self._receive_buffer = RECEIVE_BUFFER if bandwidth is None else bandwidth.receive_buffer
         self._buckets: dict[tuple[str, Mode], TokenBucket] = {}
         #: seconds the bandwidth cap has held messages back, in total (a statistic)
         self.paced_seconds = 0.0
@@ -216,6 +219,7 @@ class TunnelService:
             max_size=self._max_message,
             # With a cap, queue as little as possible in front of the bucket (see start()).
             max_queue=MAX_QUEUE if self._bandwidth is None else 1,
+            write_limit=WRITE_LIMIT,
             ping_interval=self._ping_interval,
             ping_timeout=self._ping_timeout,
             open_timeout=OPEN_TIMEOUT,
@@ -223,13 +227,8 @@ class TunnelService:
             server_header="iotunnel-service",
             logger=ws_log,
         )
-        if self._bandwidth is not None:
-            # Bytes that wait in front of the bucket wait in arrival order, whatever stream
-            # they belong to. Keep that queue short: accepted sockets inherit the listener's
-            # receive buffer (and with it no window autotuning), so the backlog stays with the
-            # sender, where a fair scheduler can reorder it.
-            for sock in self._server.sockets:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self._bandwidth.receive_buffer)
+        for sock in self._server.sockets:
+            tune_listener(sock, receive_buffer=self._receive_buffer)
         self._port = self._server.sockets[0].getsockname()[1]
         scheme = "ws" if self._ssl is None else "wss"
         shown = f"[{host}]" if ":" in host else host
@@ -401,6 +400,11 @@ class TunnelService:
     # Connection handling.
 
     async def _handle(self, ws: ServerConnection) -> None:
+        # Bytes queued below the relay wait in arrival order, whatever stream they belong to:
+        # keep those queues short (kernel buffers, TLS read-ahead), so that the backlog stays
+        # with the sending proxy, whose scheduler interleaves streams fairly. With a cap, the
+        # receive buffer is smaller still: it is what waits in front of the bucket.
+        tune_transport(ws.transport, receive_buffer=self._receive_buffer)
         admission = self._admissions.pop(ws)
         tunnel_id, mode = admission.tunnel_id, admission.mode
         tunnel = self._registry.find(tunnel_id)

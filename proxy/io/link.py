@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import socket
 import ssl
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -20,6 +19,7 @@ from websockets.typing import Subprotocol
 
 from proxy import __version__
 from proxy.errors import ConnectFailed, HandshakeRefused
+from proxy.io.sockets import tune_transport
 
 log = logging.getLogger("proxy.link")
 
@@ -31,14 +31,8 @@ SUBPROTOCOLS: dict[str, int] = {
 }
 #: The AWS service accepts WebSocket frames up to this size either way.
 MAX_WS_MESSAGE = 131076
-# Queues below the fair scheduler are kept small, so that it (not a FIFO buffer) decides what
-# goes next: a keystroke then waits behind little bulk data. Measured with bench scenario 4
-# (bench/RESULTS.md); at the AWS per-tunnel cap of hundreds of KB/s these sizes still leave
-# the link, not the buffers, as the limit.
-#: Unsent bytes the kernel may hold on the WebSocket socket before a send blocks.
-NOTSENT_LOWAT = 16 * 1024
-#: The kernel's receive buffer for the WebSocket socket (autotuning would grow it to MBs).
-RECEIVE_BUFFER = 128 * 1024
+# Queues below the fair scheduler are kept small (proxy/io/sockets.py), so that it, not a FIFO
+# buffer, decides what goes next. Measured with bench scenario 4 (bench/RESULTS.md).
 #: websockets' own write buffer high-water mark.
 WRITE_LIMIT = 16 * 1024
 #: WebSocket messages websockets may hold received but not yet read by the tunnel.
@@ -94,18 +88,6 @@ def map_exceptions() -> Iterator[None]:
         raise ConnectFailed(f"cannot reach the tunnel service: {text}") from None
 
 
-def tune_socket(sock: socket.socket | None) -> None:
-    """TCP_NODELAY (no Nagle stall on small messages), small queues, keepalive."""
-    if sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
-        return
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RECEIVE_BUFFER)
-    notsent = getattr(socket, "TCP_NOTSENT_LOWAT", 25)
-    with contextlib.suppress(OSError):
-        sock.setsockopt(socket.IPPROTO_TCP, notsent, NOTSENT_LOWAT)
-
-
 async def open_link(options: LinkOptions) -> tuple[ClientConnection, int]:
     """Connect and upgrade; returns the connection and the negotiated protocol version.
 
@@ -136,7 +118,7 @@ async def open_link(options: LinkOptions) -> tuple[ClientConnection, int]:
             user_agent_header=f"iotunnel/{__version__}",
             proxy=True,
         )
-    tune_socket(ws.transport.get_extra_info("socket"))
+    tune_transport(ws.transport)
     version = SUBPROTOCOLS.get(ws.subprotocol or "", 1)
     channel = ws.response.headers.get("channel-id") if ws.response else None
     log.info(

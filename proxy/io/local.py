@@ -17,6 +17,7 @@ from typing import cast
 
 from proxy.config import Endpoint
 from proxy.protocol.actions import ConnectionRef
+from proxy.protocol.session import DataFramer
 
 
 class Owner(TypingProtocol):
@@ -38,6 +39,8 @@ class LocalConnection(asyncio.Protocol):
         self.owner = owner
         self.service_id = service_id
         self.ref = ref
+        #: Frames this connection's data (set when the tunnel opens the connection).
+        self.framer: DataFramer | None = None
         self.transport: asyncio.Transport | None = None
         self.closed = False
         self._high = high_water

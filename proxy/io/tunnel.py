@@ -43,6 +43,9 @@ EXIT_CONFIG = 2  #: a usage or configuration error, including a mapping the tunn
 EXIT_REFUSED = 3  #: the service refused the handshake (4xx: bad, used or expired token)
 EXIT_NETWORK = 4  #: gave up reaching the service
 
+#: Seconds of continuous sending over which the writer measures the link's rate.
+_RATE_WINDOW = 0.1
+
 
 class _Exit(Exception):
     def __init__(self, code: int) -> None:
@@ -63,7 +66,7 @@ class Tunnel:
         self.tuning = settings.tuning
         role = Role.SOURCE if settings.mode is Mode.SOURCE else Role.DESTINATION
         self.session = TunnelSession(role, version=settings.peer_version)
-        self.scheduler = FairScheduler()
+        self.scheduler = FairScheduler(self._encode, max_quantum=self.tuning.read_chunk)
         self.conns: dict[ConnectionRef, LocalConnection] = {}
         self.listeners: dict[str, asyncio.Server] = {}
         self.ws: ClientConnection | None = None
@@ -172,11 +175,28 @@ class Tunnel:
             await asyncio.gather(writer, return_exceptions=True)
 
     async def _writer(self, ws: ClientConnection) -> None:
+        """Send what the scheduler picks; measure how fast the link drains while busy."""
+        clock = asyncio.get_running_loop().time
+        started, sent = 0.0, 0
         try:
             while True:
-                await ws.send(await self.scheduler.get())
+                message = self.scheduler.pop()
+                if message is None:  # idle: a busy period (if any) ends here
+                    message = await self.scheduler.get()
+                    started, sent = clock(), 0
+                await ws.send(message)
+                sent += len(message)
+                elapsed = clock() - started
+                if elapsed >= _RATE_WINDOW:
+                    self.scheduler.observe_rate(sent / elapsed)
+                    started, sent = clock(), 0
         except ConnectionClosed:
             return
+
+    @staticmethod
+    def _encode(flow: object, data: bytes) -> bytes | None:
+        assert isinstance(flow, LocalConnection)
+        return None if flow.framer is None else flow.framer(data)
 
     async def _reader(self, ws: ClientConnection) -> bool:
         trace = log.isEnabledFor(TRACE)
@@ -339,28 +359,17 @@ class Tunnel:
             return
         ref = self.session.open_connection(conn.service_id)
         conn.ref = ref
+        conn.framer = self.session.framer(ref)
         self.conns[ref] = conn
         for frame in self.session.data_to_send():
-            self.scheduler.push(conn, frame)
+            self.scheduler.push_frame(conn, frame)
         self._carry_out()
         log.debug("connection %s opened", ref)
 
     def local_data(self, conn: LocalConnection, data: bytes) -> None:
-        ref = conn.ref
-        if ref is None:
-            return
-        chunk = self.tuning.read_chunk
-        pieces = (
-            [data]
-            if len(data) <= chunk
-            else [data[i : i + chunk] for i in range(0, len(data), chunk)]
-        )
-        for piece in pieces:
-            frame = self.session.encode_data(ref, piece)
-            if frame is None:
-                conn.abort()
-                return
-            self.scheduler.push(conn, frame)
+        # Framed when sent, at the size the link allows then (scheduler.py).
+        if conn.ref is not None:
+            self.scheduler.push_data(conn, data)
 
     def local_closed(self, conn: LocalConnection) -> None:
         ref = conn.ref
@@ -371,7 +380,7 @@ class Tunnel:
             log.debug("connection %s closed locally", ref)
             self.session.connection_closed(ref)
             for frame in self.session.data_to_send():
-                self.scheduler.push(conn, frame)
+                self.scheduler.push_frame(conn, frame)
 
     def _open_local(self, ref: ConnectionRef) -> None:
         endpoint = self._endpoint_for(ref.service_id)
@@ -385,6 +394,7 @@ class Tunnel:
             self._carry_out()
             return
         conn = LocalConnection(self, ref.service_id, ref, high_water=self.tuning.local_write_buffer)
+        conn.framer = self.session.framer(ref)
         self.conns[ref] = conn
         task = asyncio.create_task(self._connect(conn, endpoint), name=f"proxy.connect[{ref}]")
         self._tasks.add(task)

@@ -56,6 +56,26 @@ class _Stream:
 _T = MessageType
 
 
+@dataclass(frozen=True, slots=True)
+class DataFramer:
+    """Frames payloads as DATA messages of one connection (see :meth:`TunnelSession.framer`)."""
+
+    stream_id: int
+    service_id: str
+    connection_id: int
+
+    def __call__(self, data: bytes) -> bytes:
+        return encode(
+            Message(
+                _T.DATA,
+                stream_id=self.stream_id,
+                service_id=self.service_id,
+                connection_id=self.connection_id,
+                payload=data,
+            )
+        )
+
+
 class TunnelSession:
     """Protocol state of one proxy's tunnel.
 
@@ -270,17 +290,22 @@ class TunnelSession:
         The frame is returned rather than queued so that the I/O shell can schedule data of
         different connections fairly; control frames go through :meth:`data_to_send`.
         """
+        framer = self.framer(conn)
+        return None if framer is None else framer(data)
+
+    def framer(self, conn: ConnectionRef) -> DataFramer | None:
+        """A function framing DATA for ``conn`` as it is on the wire now, or None if dropped.
+
+        For an I/O shell that frames data when it sends it rather than when it reads it: data
+        read before the local side closed must still go out (before the reset), although by
+        then the session has forgotten the connection. Data queued for a connection the peer
+        reset, or from before a :meth:`reset`, is stale: the shell drops it.
+        """
         stream = self._live(conn)
         if stream is None:
             return None
-        return encode(
-            Message(
-                _T.DATA,
-                stream_id=conn.stream_id,
-                service_id=conn.service_id,
-                connection_id=conn.connection_id if stream.version == 3 else 0,
-                payload=data,
-            )
+        return DataFramer(
+            conn.stream_id, conn.service_id, conn.connection_id if stream.version == 3 else 0
         )
 
     def connection_closed(self, conn: ConnectionRef) -> None:

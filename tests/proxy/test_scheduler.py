@@ -1,4 +1,5 @@
-"""The fair scheduler: control first, round-robin across connections, bounded queues."""
+"""The fair scheduler: control first, round-robin across connections, frames cut to the link's
+pace, bounded queues."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ class Flow:
     def __init__(self, name: str) -> None:
         self.name = name
         self.paused = False
+        self.live = True
         self.events: list[str] = []
 
     def pause_reading(self) -> None:
@@ -22,6 +24,16 @@ class Flow:
         self.events.append("resume")
 
 
+def frame(flow: object, data: bytes) -> bytes | None:
+    """A recognisable stand-in for a DATA frame: ``<name>:<payload>``."""
+    assert isinstance(flow, Flow)
+    return (flow.name.encode() + b":" + data) if flow.live else None
+
+
+def make(**options: int | float) -> FairScheduler:
+    return FairScheduler(frame, **options)  # type: ignore[arg-type]
+
+
 def drain(s: FairScheduler) -> list[bytes]:
     out = []
     while (m := s.pop()) is not None:
@@ -30,43 +42,57 @@ def drain(s: FairScheduler) -> list[bytes]:
 
 
 def test_a_short_message_overtakes_queued_bulk_data() -> None:
-    s = FairScheduler(high_water=10**9, batch=0)
+    s = make(high_water=10**9, batch=0)
     bulk, ssh = Flow("bulk"), Flow("ssh")
-    for i in range(5):
-        s.push(bulk, b"B%d" % i + b"." * 60000)
-    s.push(ssh, b"keystroke")
-    sent = [m[:2] for m in drain(s)]
-    assert sent[:2] == [b"B0", b"ke"]  # at most one bulk frame ahead of the keystroke
-    assert sent[2:] == [b"B1", b"B2", b"B3", b"B4"]
+    s.push_data(bulk, b"." * 300_000)  # one large read, cut into frames as it is sent
+    s.push_data(ssh, b"keystroke")
+    sent = drain(s)
+    assert sent[1] == b"ssh:keystroke"  # at most one bulk frame ahead of the keystroke
+    assert [len(m) for m in sent if m.startswith(b"bulk")] == [5 + 64512] * 4 + [5 + 41952]
 
 
-def test_control_frames_go_first_and_order_per_connection_is_kept() -> None:
-    s = FairScheduler(batch=0)
+def test_frames_shrink_on_a_slow_link_and_grow_back() -> None:
+    s = make(batch=0, min_quantum=1024)
+    a = Flow("a")
+    s.observe_rate(800_000)  # an 800 KB/s tunnel: 10 ms is 8000 bytes
+    assert s.quantum == 8000
+    s.push_data(a, b"x" * 20_000)
+    assert [len(m) - 2 for m in drain(s)] == [8000, 8000, 4000]
+    s.observe_rate(10)
+    assert s.quantum == 1024
+    s.observe_rate(1e12)
+    assert s.quantum == 64512
+
+
+def test_control_frames_first_and_each_connections_order_kept() -> None:
+    s = make(batch=0)
     a, b = Flow("a"), Flow("b")
-    s.push(a, b"a1")
-    s.push(b, b"b1")
-    s.push(a, b"a2")
+    s.push_frame(a, b"START-a")
+    s.push_data(a, b"1")
+    s.push_data(b, b"1")
+    s.push_data(a, b"2")
+    s.push_frame(a, b"RESET-a")
     s.push_control(b"ctl")
-    assert drain(s) == [b"ctl", b"a1", b"b1", b"a2"]
+    assert drain(s) == [b"ctl", b"START-a", b"b:1", b"a:1", b"a:2", b"RESET-a"]
 
 
 def test_small_frames_are_batched_large_ones_sent_alone() -> None:
-    s = FairScheduler(batch=100)
+    s = make(batch=100)
     a = Flow("a")
     s.push_control(b"c" * 10)
-    s.push(a, b"x" * 20)
-    s.push(a, b"y" * 200)
-    s.push(a, b"z" * 5)
-    assert drain(s) == [b"c" * 10 + b"x" * 20, b"y" * 200, b"z" * 5]
+    s.push_data(a, b"x" * 20)
+    s.push_data(a, b"y" * 200)
+    s.push_data(a, b"z" * 5)
+    assert drain(s) == [b"c" * 10 + b"a:" + b"x" * 20, b"a:" + b"y" * 200, b"a:" + b"z" * 5]
 
 
 def test_reading_pauses_at_high_water_and_resumes_under_low_water() -> None:
-    s = FairScheduler(high_water=300, low_water=150, batch=0)
+    s = make(high_water=300, low_water=150, batch=0)
     a = Flow("a")
-    s.push(a, b"1" * 100)
-    s.push(a, b"2" * 100)
+    s.push_data(a, b"1" * 100)
+    s.push_data(a, b"2" * 100)
     assert not a.paused
-    s.push(a, b"3" * 100)
+    s.push_data(a, b"3" * 100)
     assert a.paused
     s.pop()
     assert a.paused  # 200 queued: not under the low-water mark yet
@@ -76,15 +102,25 @@ def test_reading_pauses_at_high_water_and_resumes_under_low_water() -> None:
     assert s.queued_bytes == 100
 
 
-def test_discard_and_clear_forget_frames() -> None:
-    s = FairScheduler(batch=0)
+def test_data_of_a_dropped_connection_is_discarded() -> None:
+    s = make(batch=0)
     a, b = Flow("a"), Flow("b")
-    s.push(a, b"a1")
-    s.push(b, b"b1")
+    s.push_data(a, b"1")
+    s.push_data(a, b"2")
+    s.push_data(b, b"1")
+    a.live = False
+    assert drain(s) == [b"b:1"]
+
+
+def test_discard_and_clear_forget_what_was_queued() -> None:
+    s = make(batch=0)
+    a, b = Flow("a"), Flow("b")
+    s.push_data(a, b"1")
+    s.push_data(b, b"1")
     s.discard(a)
     s.discard(Flow("never queued"))
-    assert drain(s) == [b"b1"]
-    s.push(a, b"a2")
+    assert drain(s) == [b"b:1"]
+    s.push_data(a, b"2")
     s.push_control(b"c")
     s.clear()
     assert s.pop() is None
@@ -93,11 +129,11 @@ def test_discard_and_clear_forget_frames() -> None:
 
 def test_get_waits_for_a_frame() -> None:
     async def scenario() -> bytes:
-        s = FairScheduler()
+        s = make()
         waiter = asyncio.create_task(s.get())
         await asyncio.sleep(0)
         assert not waiter.done()
-        s.push(Flow("a"), b"hello")
+        s.push_data(Flow("a"), b"hello")
         return await asyncio.wait_for(waiter, 5)
 
-    assert asyncio.run(scenario()) == b"hello"
+    assert asyncio.run(scenario()) == b"a:hello"
