@@ -7,11 +7,12 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 # Debian packages the test suite drives for real (installed only when missing and root).
 SYSTEM_PACKAGES ?= mosquitto openssh-server openssh-client \
-                   lintian systemd binutils binutils-aarch64-linux-gnu linux-libc-dev
-# Architectures `make deb` builds (packaging/build_deb.py; armhf: see packaging/README.md).
+                   lintian systemd binutils binutils-aarch64-linux-gnu linux-libc-dev \
+                   gcc-arm-linux-gnueabihf cmake qemu-user
+# Architectures `make deb` builds (packaging/build_deb.py; armhf: make deb-armhf).
 DEB_ARCHES ?= amd64 arm64
 
-.PHONY: help demo test lint typecheck unit venv system-deps proto bench clean deb
+.PHONY: help demo test lint typecheck unit venv system-deps proto bench clean deb deb-armhf
 
 help:
 	@echo "make demo   - the whole walk-through on loopback: open-tunnel, the agent, HTTP and SSH at once"
@@ -19,6 +20,7 @@ help:
 	@echo "make bench  - run the benchmarks (bench/RESULTS.md)"
 	@echo "make proto  - regenerate proxy/protocol/_pb from Message.proto"
 	@echo "make deb    - build dist/iotunnel_<version>_{amd64,arm64}.deb (packaging/README.md)"
+	@echo "make deb-armhf - cross-build awscrt for armv7l, then dist/iotunnel_<version>_armhf.deb"
 
 $(BIN)/python:
 	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "Python >= 3.11 is required"'
@@ -69,6 +71,10 @@ proto: venv
 
 deb: venv system-deps
 	$(BIN)/python packaging/build_deb.py $(addprefix --arch=,$(DEB_ARCHES))
+
+deb-armhf: venv system-deps
+	wheel="$$($(BIN)/python packaging/armhf.py awscrt)" && \
+	  $(BIN)/python packaging/build_deb.py --arch=armhf --wheelhouse "$$(dirname "$$wheel")"
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis .demo build dist *.egg-info

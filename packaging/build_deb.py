@@ -212,7 +212,8 @@ def fetch(
         else:
             raise BuildError(
                 f"{pin.name}=={pin.version}: no {target.wheel} wheel on PyPI (or no network); "
-                f"build one and pass its directory with --wheelhouse (packaging/README.md)"
+                "build one and pass its directory with --wheelhouse (for armhf: make deb-armhf, "
+                "packaging/README.md)"
             )
     return files
 

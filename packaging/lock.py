@@ -65,6 +65,8 @@ def pip_platform_args(wheel_arch: str) -> list[str]:
     """pip options that select wheels for Debian 12's CPython on ``wheel_arch``."""
     platforms = [f"manylinux_{GLIBC[0]}_{minor}_{wheel_arch}" for minor in range(GLIBC[1], 16, -1)]
     platforms += [f"manylinux2014_{wheel_arch}"]
+    # linux_*: wheels built on (or for) a device, as --wheelhouse takes them; PyPI has none.
+    platforms += [f"linux_{wheel_arch}"]
     if wheel_arch == "x86_64":
         platforms += ["manylinux2010_x86_64", "manylinux1_x86_64"]
     args = [f"--platform={p}" for p in platforms]

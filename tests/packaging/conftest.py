@@ -12,6 +12,7 @@ from deb_harness import (
     can_install,
     dpkg,
     extract,
+    host_arch,
     missing_build_tools,
     new_root,
 )
@@ -36,10 +37,11 @@ def unpacked(debs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) ->
 
 @pytest.fixture(scope="session")
 def installed(debs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A throw-away root with the amd64 package installed (do not change it in a test)."""
+    """A throw-away root with this machine's package (amd64 here) installed (do not change it
+    in a test)."""
     reason = can_install()
     if reason:
         pytest.skip(reason)
-    root = new_root(tmp_path_factory.mktemp("installed-root"))
-    dpkg(root, "--install", debs["amd64"])
+    root = new_root(tmp_path_factory.mktemp("installed-root"), host_arch())
+    dpkg(root, "--install", debs[host_arch()])
     return root

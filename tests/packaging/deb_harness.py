@@ -142,16 +142,25 @@ def elf_machine(path: Path) -> int | None:
 # --------------------------------------------------------------------------- throw-away roots
 
 
+@functools.cache
+def host_arch() -> str:
+    """This machine's Debian architecture: the package that is installed and run here."""
+    done = run(["dpkg", "--print-architecture"]) if shutil.which("dpkg") else None
+    return done.stdout.strip() if done is not None and done.returncode == 0 else ""
+
+
 def can_install() -> str | None:
     """Why packages cannot be installed into a throw-away root here, or None."""
     if os.geteuid() != 0:
         return "dpkg --root needs root (files are owned by root)"
     if shutil.which("dpkg") is None:
         return "dpkg is not installed"
+    if host_arch() not in ARCHES:
+        return f"no package is built for this machine's architecture ({host_arch()})"
     return None
 
 
-def new_root(directory: Path, arch: str = "amd64") -> Path:
+def new_root(directory: Path, arch: str) -> Path:
     """An empty system with a dpkg database that has the stub dependencies installed."""
     admin = directory / "var/lib/dpkg"
     for sub in ("info", "updates", "triggers"):

@@ -1,5 +1,5 @@
-"""Installing, running, upgrading, removing and purging the amd64 package in throw-away roots
-(``dpkg --root``), never on this machine itself."""
+"""Installing, running, upgrading, removing and purging the package (amd64 here) in throw-away
+roots (``dpkg --root``), never on this machine itself."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from deb_harness import (
     dpkg,
     entry_point,
     has_mount_namespaces,
+    host_arch,
     installed_argv,
     new_root,
     project_version,
@@ -105,8 +106,9 @@ def test_upgrade_keeps_the_edited_settings_then_remove_and_purge(
     if reason:
         pytest.skip(reason)
     version = project_version()
-    root = new_root(tmp_path / "root")
-    dpkg(root, "--install", debs["amd64"])
+    deb = debs[host_arch()]
+    root = new_root(tmp_path / "root", host_arch())
+    dpkg(root, "--install", deb)
     ini = root / "etc/iotunnel/agent.ini"
     shipped = ini.read_text()
     assert "\nclient_id = my-device\n" in shipped
@@ -114,7 +116,7 @@ def test_upgrade_keeps_the_edited_settings_then_remove_and_purge(
     (root / "etc/iotunnel/certs/private.pem.key").write_text("a key\n")
 
     # v2, same shipped agent.ini: dpkg keeps the edit without asking.
-    v2 = repack(debs["amd64"], tmp_path / "v2.deb", f"{version}.1")
+    v2 = repack(deb, tmp_path / "v2.deb", f"{version}.1")
     dpkg(root, "--install", v2)
     assert status(root) == f"ii {version}.1"
     assert EDIT in ini.read_text()
@@ -122,7 +124,7 @@ def test_upgrade_keeps_the_edited_settings_then_remove_and_purge(
 
     # v3 changes the shipped agent.ini: with --force-confold (what unattended upgrades use)
     # the edit stays and the new default is put beside it.
-    v3 = repack(debs["amd64"], tmp_path / "v3.deb", f"{version}.2", edit_config="# v3\n")
+    v3 = repack(deb, tmp_path / "v3.deb", f"{version}.2", edit_config="# v3\n")
     dpkg(root, "--force-confdef", "--force-confold", "--install", v3)
     assert status(root) == f"ii {version}.2"
     assert EDIT in ini.read_text()

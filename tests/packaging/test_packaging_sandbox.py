@@ -11,6 +11,7 @@ protobuf's upb), the self-hosted tunnel service, a source proxy and an HTTP GET 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -114,14 +115,15 @@ def test_installed_agent_runs_a_tunnel_in_the_units_sandbox(
     ini = agent_ini(
         tmp_path / "agent.ini",
         {
-            "endpoint": "127.0.0.1",
+            # Names, not addresses: resolved by awscrt and asyncio without AF_NETLINK.
+            "endpoint": "localhost",
             "port": broker_port,
             "client_id": THING,
             "cert": device.cert,
             "key": "/nonexistent/replaced-by-IOTUNNEL_KEY",
             "root_ca": pki.ca.cert,
             "mapping_dir": mappings,
-            "tunnel_endpoint": f"wss://127.0.0.1:{service_port}",
+            "tunnel_endpoint": f"wss://localhost:{service_port}",
             "tunnel_ca": pki.ca.cert,
             "log_level": "debug",
         },
@@ -164,6 +166,6 @@ def test_installed_agent_runs_a_tunnel_in_the_units_sandbox(
     assert _seccomp(child) == {"Seccomp": "2", "NoNewPrivs": "1"}
     maps = _maps(child)
     assert "/opt/iotunnel/lib/google/_upb/_message.abi3.so" in maps
-    assert "/opt/iotunnel/lib/websockets/speedups.cpython-311-x86_64-linux-gnu.so" in maps
+    assert re.search(r"/opt/iotunnel/lib/websockets/speedups\.cpython-311-\S+\.so", maps)
     assert "Operation not permitted" not in agent.output()
     assert "Address family not supported" not in agent.output()
