@@ -34,7 +34,7 @@ $(BIN)/python:
 
 $(STAMP): $(BIN)/python pyproject.toml
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[test,service,agent]'
+	$(BIN)/python -m pip install -q -e '.[test,service,agent,speed]'
 	@touch $@
 
 venv: $(STAMP)

@@ -75,7 +75,9 @@ async def _main(settings: ProxySettings) -> int:
 
     for sig in _SIGNAL_EXIT:
         loop.add_signal_handler(sig, on_signal, sig)
-    log.info("starting in %s mode", settings.mode.value)
+    log.info(
+        "starting in %s mode (event loop: %s)", settings.mode.value, type(loop).__module__
+    )
     try:
         return await Tunnel(settings).run()
     except asyncio.CancelledError:

@@ -297,3 +297,29 @@ def test_through_an_https_proxy_with_basic_auth(stack: Stack, pki) -> None:
     assert refused.wait(30) == 4
     assert "407" in refused.output()
     assert "b4d-pa55" not in refused.output()
+
+
+def test_both_proxies_on_uvloop(stack: Stack, pki, www: Path) -> None:
+    """The optional uvloop event loop (IOTUNNEL_EVENT_LOOP=uvloop) carries the same traffic."""
+    pytest.importorskip("uvloop")
+    tunnel = Tunnel("uvloop", ("HTTP1", "SSH1"))
+    _, port = stack.service([tunnel], cert=pki.server.cert, key=pki.server.key)
+    _, http_port = stack.http_server(www)
+    _, echo_port = stack.echo_server()
+    uv = {"IOTUNNEL_EVENT_LOOP": "uvloop"}
+    dst = stack.destination(
+        tunnel.destination_token,
+        port,
+        f"HTTP1={http_port},SSH1={echo_port}",
+        ca=pki.ca.cert,
+        env=uv,
+    )
+    src = stack.source(
+        tunnel.source_token, port, "HTTP1=0,SSH1=0", ["HTTP1", "SSH1"], ca=pki.ca.cert, env=uv
+    )
+    assert http_get(src.ports["HTTP1"], "/blob.bin") == (200, (www / "blob.bin").read_bytes())
+    assert echo_roundtrips(src.ports["SSH1"], 50) == 50
+    sent, received = echo_transfer(src.ports["SSH1"], 32 * MiB)
+    assert sent == received
+    for proc in (dst, src.proc):
+        assert "event loop: uvloop" in proc.output()
