@@ -16,6 +16,8 @@ import logging
 import re
 from typing import Any, TextIO
 
+from proxy.logs import redact
+
 __all__ = [
     "JournalFormatter",
     "Redactor",
@@ -95,8 +97,9 @@ class Redactor(logging.Filter):
             self._secrets[secret] = count - 1
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if not self._secrets:
-            return True
+        if self._secrets:
+            redact(record, list(self._secrets))
+        return True
         text = record.getMessage()
         redacted = text
         for secret in self._secrets:

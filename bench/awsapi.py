@@ -21,14 +21,13 @@ import os
 import queue
 import subprocess
 import sys
-import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from types import TracebackType
-from typing import Any
+from typing import Any, Self
 
 from bench.harness import Proc, Stack
+from bench.mqtt import Publisher
 from bench.pki import PKI, CertPair
 
 #: Throw-away credentials that the service is told to accept (never real ones).
@@ -59,9 +58,7 @@ class ApiService:
 
 def write_credentials(path: Path, key_id: str = TEST_KEY_ID, secret: str = TEST_SECRET) -> Path:
     """An AWS shared-credentials file with one ``[default]`` profile (mode 0600)."""
-    path.write_text(
-        f"[default]\naws_access_key_id = {key_id}\naws_secret_access_key = {secret}\n"
-    )
+    path.write_text(f"[default]\naws_access_key_id = {key_id}\naws_secret_access_key = {secret}\n")
     path.chmod(0o600)
     return path
 
@@ -176,9 +173,7 @@ def aws_cli(
     )
 
 
-def aws_json(
-    args: Sequence[str], service: ApiService, env: Mapping[str, str]
-) -> dict[str, Any]:
+def aws_json(args: Sequence[str], service: ApiService, env: Mapping[str, str]) -> dict[str, Any]:
     """:func:`aws_cli` that must succeed; returns its JSON output ({} for none)."""
     done = aws_cli(args, service, env)
     if done.returncode != 0:
@@ -186,8 +181,8 @@ def aws_json(
     return json.loads(done.stdout) if done.stdout.strip() else {}
 
 
-class Subscriber:
-    """An MQTT5 subscriber with mutual TLS that queues what it receives on one topic filter."""
+class Subscriber(Publisher):
+    """An MQTT5 client with mutual TLS that queues what it receives on one topic filter."""
 
     def __init__(
         self,
@@ -198,36 +193,16 @@ class Subscriber:
         *,
         client_id: str = "subscriber",
     ) -> None:
-        from awscrt import mqtt5
-        from awsiot import mqtt5_client_builder
-
-        self._mqtt5 = mqtt5
+        super().__init__(port, ca, client, client_id=client_id)
         self.topic_filter = topic_filter
         self.received: queue.Queue[tuple[str, bytes, int]] = queue.Queue()
-        self._connected = threading.Event()
-        self._stopped = threading.Event()
-        self._client = mqtt5_client_builder.mtls_from_path(
-            endpoint="127.0.0.1",
-            port=port,
-            cert_filepath=str(client.cert),
-            pri_key_filepath=str(client.key),
-            ca_filepath=str(ca),
-            client_id=client_id,
-            enable_metrics_collection=False,
-            on_publish_received=self._on_publish,
-            on_lifecycle_connection_success=lambda _: self._connected.set(),
-            on_lifecycle_stopped=lambda _: self._stopped.set(),
-        )
 
     def _on_publish(self, data: Any) -> None:
         packet = data.publish_packet
         self.received.put((packet.topic, bytes(packet.payload), int(packet.qos)))
 
-    def __enter__(self) -> Subscriber:
-        self._client.start()
-        if not self._connected.wait(20):
-            self.close()
-            raise ConnectionError("the subscriber could not connect to the broker")
+    def __enter__(self) -> Self:
+        super().__enter__()
         mqtt5 = self._mqtt5
         subscribe = mqtt5.SubscribePacket(
             subscriptions=[mqtt5.Subscription(self.topic_filter, mqtt5.QoS.AT_LEAST_ONCE)]
@@ -239,22 +214,9 @@ class Subscriber:
             raise ConnectionError(f"subscription refused: {codes}")
         return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
     def next(self, timeout: float = 20.0) -> tuple[str, bytes, int]:
         """The next message: topic, payload and QoS."""
         try:
             return self.received.get(timeout=timeout)
         except queue.Empty:
             raise TimeoutError(f"nothing received on {self.topic_filter} in {timeout} s") from None
-
-    def close(self) -> None:
-        """Disconnect."""
-        self._client.stop()
-        self._stopped.wait(5)

@@ -18,7 +18,7 @@ import shutil
 import threading
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, Self
 
 from bench.pki import PKI, CertPair
 
@@ -65,7 +65,7 @@ def mosquitto_config(workdir: Path, port: int, pki: PKI, *, name: str = "mosquit
 
 
 class Publisher:
-    """A synchronous MQTT5 publisher with mutual TLS, for tests and the demo."""
+    """A synchronous MQTT5 client with mutual TLS that publishes, for tests and the demo."""
 
     def __init__(
         self, port: int, ca: Path, client: CertPair, *, client_id: str = "publisher"
@@ -84,15 +84,19 @@ class Publisher:
             ca_filepath=str(ca),
             client_id=client_id,
             enable_metrics_collection=False,
+            on_publish_received=self._on_publish,
             on_lifecycle_connection_success=lambda _: self._connected.set(),
             on_lifecycle_stopped=lambda _: self._stopped.set(),
         )
 
-    def __enter__(self) -> Publisher:
+    def _on_publish(self, data: Any) -> None:
+        """A message arrived on a subscription (a publisher has none)."""
+
+    def __enter__(self) -> Self:
         self._client.start()
         if not self._connected.wait(20):
             self.close()
-            raise ConnectionError("the publisher could not connect to the broker")
+            raise ConnectionError(f"{type(self).__name__} could not connect to the broker")
         return self
 
     def __exit__(

@@ -25,6 +25,23 @@ _LEVELS = {
 }
 
 
+def redact(record: logging.LogRecord, secrets: Iterable[str]) -> None:
+    """Replace each of ``secrets`` with ``[secure]`` in ``record``'s message and exception."""
+    text = record.getMessage()
+    redacted = text
+    for secret in secrets:
+        if secret and secret in redacted:
+            redacted = redacted.replace(secret, "[secure]")
+    if redacted is not text:
+        record.msg, record.args = redacted, None
+    if record.exc_info and record.exc_info[1] is not None:
+        exc_text = logging.Formatter().formatException(record.exc_info)
+        for secret in secrets:
+            if secret:
+                exc_text = exc_text.replace(secret, "[secure]")
+        record.exc_info, record.exc_text = None, exc_text
+
+
 class RedactingFilter(logging.Filter):
     """Replaces every registered secret in a record's final text with ``[secure]``.
 
@@ -35,20 +52,8 @@ class RedactingFilter(logging.Filter):
     secrets: ClassVar[set[str]] = set()
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if not self.secrets:
-            return True
-        text = record.getMessage()
-        redacted = text
-        for secret in self.secrets:
-            if secret and secret in redacted:
-                redacted = redacted.replace(secret, "[secure]")
-        if redacted is not text:
-            record.msg, record.args = redacted, None
-        if record.exc_info and record.exc_info[1] is not None:
-            exc_text = logging.Formatter().formatException(record.exc_info)
-            for secret in self.secrets:
-                exc_text = exc_text.replace(secret, "[secure]")
-            record.exc_info, record.exc_text = None, exc_text
+        if self.secrets:
+            redact(record, self.secrets)
         return True
 
 
