@@ -99,9 +99,10 @@ class Bandwidth:
     """A per-tunnel, per-direction bandwidth cap: ``rate`` bytes/s, bursts of ``burst`` bytes.
 
     ``receive_buffer`` is the kernel receive buffer (SO_RCVBUF) of each connection while a cap
-    is on: what may queue, unordered by stream, in front of the bucket. By default about 20 ms
-    of the rate (at least 16 KiB): short enough that the backlog stays with the sender, long
-    enough not to limit the rate by the window on a real network.
+    is on: what may queue, unordered by stream, in front of the bucket. By default about 10 ms
+    of the rate (at least 8 KiB): short enough that the backlog stays with the sender, whose
+    scheduler keeps streams fair (bench scenario 4), and long enough not to limit the rate by
+    the window on a real network.
     """
 
     rate: float
@@ -110,7 +111,7 @@ class Bandwidth:
 
     def __post_init__(self) -> None:
         if self.receive_buffer <= 0:
-            object.__setattr__(self, "receive_buffer", max(16 * 1024, int(self.rate * 0.02)))
+            object.__setattr__(self, "receive_buffer", max(8 * 1024, int(self.rate * 0.01)))
 
 
 @dataclass(eq=False)

@@ -34,7 +34,7 @@ MAX_WS_MESSAGE = 131076
 # Queues below the fair scheduler are kept small (proxy/io/sockets.py), so that it, not a FIFO
 # buffer, decides what goes next. Measured with bench scenario 4 (bench/RESULTS.md).
 #: websockets' own write buffer high-water mark.
-WRITE_LIMIT = 16 * 1024
+WRITE_LIMIT = 8 * 1024
 #: WebSocket messages websockets may hold received but not yet read by the tunnel.
 MAX_QUEUE = 2
 

@@ -140,7 +140,8 @@ class FairScheduler:
             frame = self._control.popleft()
             frames.append(frame)
             size += len(frame)
-        while self._ready and (not frames or size + self._next_size() <= self._batch):
+        batch = min(self._batch, self.quantum)  # a slow link gets no long messages either
+        while self._ready and (not frames or size + self._next_size() <= batch):
             taken = self._take(self._ready.popleft())
             if taken is not None:
                 frames.append(taken)

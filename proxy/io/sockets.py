@@ -13,13 +13,13 @@ import contextlib
 import socket
 
 #: Unsent bytes the kernel may hold before a send blocks (TCP_NOTSENT_LOWAT).
-NOTSENT_LOWAT = 16 * 1024
+NOTSENT_LOWAT = 8 * 1024
 #: The kernel's receive buffer (SO_RCVBUF; the kernel doubles it for bookkeeping).
 RECEIVE_BUFFER = 128 * 1024
 #: Encrypted bytes asyncio's TLS layer may read ahead of the application.
 TLS_READ_AHEAD = 32 * 1024
 #: Encrypted bytes the TCP transport under asyncio's TLS layer may hold (default 64 KiB).
-TLS_WRITE_BEHIND = 16 * 1024
+TLS_WRITE_BEHIND = 8 * 1024
 _TCP_NOTSENT_LOWAT = getattr(socket, "TCP_NOTSENT_LOWAT", 25)
 
 
