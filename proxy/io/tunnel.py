@@ -21,7 +21,7 @@ from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed
 
 from proxy.config import Endpoint, Mode, ProxySettings
-from proxy.errors import ConfigError, ConnectFailed, HandshakeRefused
+from proxy.errors import ConfigError, TransportError
 from proxy.io.link import LinkOptions, open_link
 from proxy.io.local import LocalConnection, connect_local
 from proxy.io.scheduler import FairScheduler
@@ -34,7 +34,7 @@ from proxy.protocol.actions import (
     WriteLocal,
 )
 from proxy.protocol.session import Role, TunnelSession
-from proxy.retry import backoff
+from proxy.retry import backoff, is_retryable
 
 log = logging.getLogger("proxy")
 
@@ -109,10 +109,10 @@ class Tunnel:
         while True:
             try:
                 ws, version = await open_link(self.link)
-            except HandshakeRefused as exc:
-                log.error("%s; not retrying", exc)
-                return EXIT_REFUSED
-            except ConnectFailed as exc:
+            except TransportError as exc:
+                if not is_retryable(exc):
+                    log.error("%s; not retrying", exc)
+                    return EXIT_REFUSED
                 failures += 1
                 if 0 <= t.reconnect_attempts < failures:
                     log.error("%s; giving up after %d attempts", exc, failures)
