@@ -29,7 +29,7 @@ from typing import NamedTuple, NoReturn, TypeVar
 from agent.topics import THING_NAME_RE, notify_topic
 from proxy import __version__
 from proxy import config as proxy_config
-from proxy.config import Mode, read_mapping_dir
+from proxy.config import Mode, read_config_text, read_mapping_dir
 from proxy.errors import ConfigError as ProxyConfigError
 
 __all__ = [
@@ -333,11 +333,9 @@ def _section_lines(lines: Sequence[str]) -> dict[tuple[str, str], int]:
 def _read_file(path: Path, display: str) -> dict[str, _Given]:
     """Read the ``[agent]`` section of a settings file; unknown sections and keys are errors."""
     try:
-        text = path.read_bytes().decode("utf-8-sig")
-    except UnicodeDecodeError:
-        raise ConfigError(f"{display}: not UTF-8 text") from None
-    except OSError as exc:
-        raise ConfigError(f"{display}: {exc.strerror or exc}") from None
+        text = read_config_text(path, display)
+    except ProxyConfigError as exc:
+        raise ConfigError(str(exc)) from None
     lines = text.splitlines()
     parser = configparser.ConfigParser(
         delimiters=("=",),

@@ -460,7 +460,9 @@ class _CaseSensitiveParser(configparser.ConfigParser):
 _INI_SECTION = "entries"
 
 
-def _read_text(path: Path, display: str) -> str:
+def read_config_text(path: Path, display: str) -> str:
+    """A configuration file's text; a missing, unreadable or non-UTF-8 file is a ConfigError
+    naming ``display``."""
     try:
         return path.read_bytes().decode("utf-8-sig")
     except UnicodeDecodeError:
@@ -476,7 +478,7 @@ def _read_ini(path: Path, display: str, *, expected: str, quote: bool) -> list[_
     line (no inline comments, no continuation lines). ``quote`` says whether a bad line may be
     quoted in the error (not in the option file, which may hold a token).
     """
-    lines = [raw.strip() for raw in _read_text(path, display).splitlines()]
+    lines = [raw.strip() for raw in read_config_text(path, display).splitlines()]
 
     def bad(number: int, problem: str) -> ConfigError:
         shown = f"{lines[number - 1]!r}: " if quote else ""
@@ -769,7 +771,7 @@ def _read_settings_json(path: Path, display: str) -> _FileSettings:
     def no_constant(name: str) -> NoReturn:
         raise ConfigError(f"{display}: {name} is not a valid setting value")
 
-    text = _read_text(path, display)
+    text = read_config_text(path, display)
     try:
         document = json.loads(text, object_pairs_hook=no_duplicates, parse_constant=no_constant)
     except json.JSONDecodeError as exc:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from collections.abc import Callable
 
 from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed
@@ -56,12 +55,7 @@ class _Exit(Exception):
 class Tunnel:
     """A running proxy: one tunnel, either role."""
 
-    def __init__(
-        self,
-        settings: ProxySettings,
-        *,
-        on_listening: Callable[[str, str], None] | None = None,
-    ) -> None:
+    def __init__(self, settings: ProxySettings) -> None:
         self.settings = settings
         self.tuning = settings.tuning
         role = Role.SOURCE if settings.mode is Mode.SOURCE else Role.DESTINATION
@@ -70,7 +64,6 @@ class Tunnel:
         self.conns: dict[ConnectionRef, LocalConnection] = {}
         self.listeners: dict[str, asyncio.Server] = {}
         self.ws: ClientConnection | None = None
-        self._on_listening = on_listening
         self._congested: list[LocalConnection] = []
         self._tasks: set[asyncio.Task[None]] = set()
         self._announced: tuple[str, ...] | None = None
@@ -339,8 +332,6 @@ class Tunnel:
         except OSError as exc:
             raise ConfigError(f"cannot listen for {service_id or 'the tunnel'}: {exc}") from None
         log.info("service %s: listening on %s", service_id or "(unnamed)", where)
-        if self._on_listening is not None:
-            self._on_listening(service_id, where)
         return server
 
     # ------------------------------------------------------------------ local connections
