@@ -15,6 +15,7 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 from proxy.config import ProxySettings
+from proxy.io.memory import tune_allocator
 from proxy.io.tunnel import Tunnel
 from proxy.logs import configure, register_secrets
 
@@ -38,6 +39,7 @@ def run(settings: ProxySettings) -> int:
         )
     if not settings.verify_host:
         log.warning("TLS host name verification is off (-k)")
+    tune_allocator()
     try:
         return _event_loop_runner()(_main(settings))
     except Exception:

@@ -26,6 +26,8 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from proxy import __version__
+from proxy.io.memory import tune_allocator
+from proxy.protocol.framing import MAX_WS_MESSAGE
 from proxy.protocol.messages import MAX_MESSAGE
 from service.clock import SystemClock
 from service.config import (
@@ -37,7 +39,6 @@ from service.config import (
 )
 from service.control import ControlPlane, ControlSettings, Limits
 from service.notify import LogNotifier, MqttNotifier, MqttSettings, Notifier
-from service.pairing import MAX_WS_MESSAGE
 from service.registry import ServiceIdRule, TunnelRegistry
 from service.server import Bandwidth, TunnelService
 from service.store import SqliteStore, StoreError
@@ -635,6 +636,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.info("%d open tunnel(s): %s", len(opened), ", ".join(opened))
     elif args.api_port is None:
         log.warning("no tunnels (--tunnels) and no API (--api-port): every connection is refused")
+    tune_allocator()
     try:
         return asyncio.run(_serve(setup))
     finally:

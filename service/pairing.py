@@ -26,12 +26,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
-from proxy.protocol.framing import encode
+from proxy.protocol.framing import MAX_WS_MESSAGE, encode
 from proxy.protocol.messages import Message, MessageType
 from service.registry import Mode
-
-#: Largest WebSocket message either way (``aws.iot.securetunneling-*`` protocol guides).
-MAX_WS_MESSAGE = 131076
 
 #: The message types each end may send through the service.
 ALLOWED: dict[Mode, frozenset[int]] = {

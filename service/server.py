@@ -43,11 +43,11 @@ from websockets.typing import Subprotocol
 
 from proxy.io.sockets import RECEIVE_BUFFER, tune_listener, tune_transport
 from proxy.protocol.errors import RemoteProtocolError
-from proxy.protocol.framing import Decoder
+from proxy.protocol.framing import MAX_WS_MESSAGE, Decoder
 from proxy.protocol.messages import MAX_MESSAGE, Message
 from service.bandwidth import TokenBucket
 from service.handshake import Admission, Candidate, HandshakeRequest, Refusal, check, claim
-from service.pairing import MAX_WS_MESSAGE, Pairing, describe, pack
+from service.pairing import Pairing, describe, pack
 from service.registry import Mode, TunnelRegistry
 
 log = logging.getLogger(__name__)

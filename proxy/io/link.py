@@ -20,6 +20,7 @@ from websockets.typing import Subprotocol
 from proxy import __version__
 from proxy.errors import ConnectFailed, HandshakeRefused
 from proxy.io.sockets import tune_transport
+from proxy.protocol.framing import MAX_WS_MESSAGE
 
 log = logging.getLogger("proxy.link")
 
@@ -29,8 +30,6 @@ SUBPROTOCOLS: dict[str, int] = {
     "aws.iot.securetunneling-2.0": 2,
     "aws.iot.securetunneling-1.0": 1,
 }
-#: The AWS service accepts WebSocket frames up to this size either way.
-MAX_WS_MESSAGE = 131076
 # Queues below the fair scheduler are kept small (proxy/io/sockets.py), so that it, not a FIFO
 # buffer, decides what goes next. Measured with bench scenario 4 (bench/RESULTS.md).
 #: websockets' own write buffer high-water mark.

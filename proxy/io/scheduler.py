@@ -10,6 +10,11 @@ KiB. On a fast link frames stay large (cheap per byte); on a slow one (the AWS p
 is hundreds of KB/s) they shrink, so that a keystroke on one connection never waits long
 behind a frame of a bulk transfer on another. A connection whose queue holds ``high_water``
 bytes or more stops reading its socket until the writer brought it under ``low_water``.
+
+Frames are joined into one WebSocket message while it stays within the same time budget (at
+most the protocol's 131076 bytes): every message costs a WebSocket frame, a TLS write and an
+event-loop turn at each hop, so on a fast link two full frames per message save CPU, and on a
+slow one messages stay as short as frames.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Protocol
 
+from proxy.protocol.framing import MAX_WS_MESSAGE
 from proxy.protocol.messages import MAX_PAYLOAD
 
 
@@ -53,9 +59,11 @@ class FairScheduler:
         high_water: queued bytes per connection at which its reading pauses.
         low_water: queued bytes under which a paused connection resumes.
         batch: frames are joined into one WebSocket message while it stays under this many
-            bytes (small frames only; a large frame is sent alone, uncopied).
+            bytes until the link's rate is known (then :attr:`budget` follows it).
         min_quantum: the smallest DATA payload cut from a larger queued chunk.
-        target_delay: seconds of the measured send rate one DATA frame should take.
+        max_message: the largest WebSocket message.
+        target_delay: seconds of the measured send rate one DATA frame (and one WebSocket
+            message) should take.
     """
 
     def __init__(
@@ -67,6 +75,7 @@ class FairScheduler:
         batch: int = 16384,
         min_quantum: int = 4096,
         max_quantum: int = MAX_PAYLOAD,
+        max_message: int = MAX_WS_MESSAGE,
         target_delay: float = 0.01,
     ) -> None:
         self._encode = encode
@@ -75,6 +84,7 @@ class FairScheduler:
         self._batch = batch
         self._min_quantum = min(min_quantum, max_quantum)
         self._max_quantum = max_quantum
+        self._max_message = max_message
         self._target_delay = target_delay
         self._control: deque[bytes] = deque()
         self._queues: dict[Flow, _Queue] = {}
@@ -82,6 +92,8 @@ class FairScheduler:
         self._wakeup = asyncio.Event()
         #: The largest payload a DATA frame gets now (follows :meth:`observe_rate`).
         self.quantum = max_quantum
+        #: Frames are joined into one WebSocket message up to this size (a larger one goes alone).
+        self.budget = min(batch, max_message)
 
     @property
     def queued_bytes(self) -> int:
@@ -92,6 +104,7 @@ class FairScheduler:
         """The writer measured how fast the link drains while it was busy: resize frames."""
         wanted = int(bytes_per_second * self._target_delay)
         self.quantum = max(self._min_quantum, min(self._max_quantum, wanted))
+        self.budget = max(min(self._batch, self.quantum), min(self._max_message, wanted))
 
     def push_control(self, frame: bytes) -> None:
         """Queue a frame that belongs to no connection (sent before any data)."""
@@ -136,12 +149,11 @@ class FairScheduler:
         """The next WebSocket message to send, or None if nothing is queued."""
         frames: list[bytes] = []
         size = 0
-        while self._control and (not frames or size + len(self._control[0]) <= self._batch):
+        while self._control and (not frames or size + len(self._control[0]) <= self.budget):
             frame = self._control.popleft()
             frames.append(frame)
             size += len(frame)
-        batch = min(self._batch, self.quantum)  # a slow link gets no long messages either
-        while self._ready and (not frames or size + self._next_size() <= batch):
+        while self._ready and (not frames or size + self._next_size() <= self.budget):
             taken = self._take(self._ready.popleft())
             if taken is not None:
                 frames.append(taken)

@@ -42,7 +42,7 @@ EXIT_CONFIG = 2  #: a usage or configuration error, including a mapping the tunn
 EXIT_REFUSED = 3  #: the service refused the handshake (4xx: bad, used or expired token)
 EXIT_NETWORK = 4  #: gave up reaching the service
 
-#: Seconds of continuous sending over which the writer measures the link's rate.
+#: Seconds of sending (idle time left out) over which the writer measures the link's rate.
 _RATE_WINDOW = 0.1
 
 
@@ -168,21 +168,28 @@ class Tunnel:
             await asyncio.gather(writer, return_exceptions=True)
 
     async def _writer(self, ws: ClientConnection) -> None:
-        """Send what the scheduler picks; measure how fast the link drains while busy."""
+        """Send what the scheduler picks; measure how fast the link drains while busy.
+
+        Only the time spent sending counts (waits for the link to drain included, waits for
+        something to send excluded): a bulk transfer whose reads come in bursts leaves the
+        writer idle between them, and is still measured at the link's pace.
+        """
         clock = asyncio.get_running_loop().time
-        started, sent = 0.0, 0
+        busy, sent, mark = 0.0, 0, clock()
         try:
             while True:
                 message = self.scheduler.pop()
-                if message is None:  # idle: a busy period (if any) ends here
+                if message is None:  # idle: the busy period ends here
+                    busy += clock() - mark
                     message = await self.scheduler.get()
-                    started, sent = clock(), 0
+                    mark = clock()
                 await ws.send(message)
                 sent += len(message)
-                elapsed = clock() - started
+                now = clock()
+                elapsed = busy + (now - mark)
                 if elapsed >= _RATE_WINDOW:
                     self.scheduler.observe_rate(sent / elapsed)
-                    started, sent = clock(), 0
+                    busy, sent, mark = 0.0, 0, now
         except ConnectionClosed:
             return
 

@@ -10,6 +10,8 @@ from proxy.protocol.errors import LocalProtocolError, RemoteProtocolError
 from proxy.protocol.messages import MAX_MESSAGE, Message, from_wire, to_wire
 
 PREFIX = 2
+#: The largest WebSocket message either side of a tunnel accepts (two full frames fit).
+MAX_WS_MESSAGE = 131076
 
 
 def encode(message: Message) -> bytes:
@@ -23,6 +25,20 @@ def encode(message: Message) -> bytes:
     if not wire:
         raise LocalProtocolError("an empty message cannot be framed: length 0 is invalid")
     return len(wire).to_bytes(PREFIX, "big") + wire
+
+
+def frame_parts(head: bytes, body: bytes) -> bytes:
+    """One frame of a message serialised in two parts.
+
+    See :func:`~proxy.protocol.messages.payload_wire`.
+
+    Raises:
+        LocalProtocolError: the message is over :data:`MAX_MESSAGE`, or empty.
+    """
+    size = len(head) + len(body)
+    if not 0 < size <= MAX_MESSAGE:
+        raise LocalProtocolError(f"message of {size} bytes cannot be framed (1..{MAX_MESSAGE})")
+    return b"".join((size.to_bytes(PREFIX, "big"), head, body))
 
 
 class Decoder:

@@ -104,6 +104,22 @@ def to_wire(message: Message) -> bytes:
     return wire
 
 
+def payload_wire(payload: bytes) -> bytes:
+    """Serialise a message that holds only ``payload``, to follow a serialised header.
+
+    Protobuf parses concatenated serialisations of a message as one message with the fields of
+    both (fields may come in any order), so a DATA frame can be a header serialised once per
+    connection followed by this: the fields that never change are not rebuilt for every frame.
+
+    Raises:
+        LocalProtocolError: ``payload`` is over :data:`MAX_PAYLOAD`.
+    """
+    if len(payload) > MAX_PAYLOAD:
+        raise LocalProtocolError(f"payload of {len(payload)} bytes exceeds {MAX_PAYLOAD}")
+    wire: bytes = _pb.Message(payload=payload).SerializeToString()
+    return wire
+
+
 def from_wire(data: bytes | memoryview) -> Message:
     """Parse one serialised message (without the length prefix).
 
@@ -115,16 +131,16 @@ def from_wire(data: bytes | memoryview) -> Message:
         pb.ParseFromString(data)
     except (DecodeError, ValueError, TypeError) as exc:
         raise RemoteProtocolError("undecodable tunnel message", fatal=True) from exc
-    if len(pb.payload) > MAX_PAYLOAD:
-        raise RemoteProtocolError(
-            f"payload of {len(pb.payload)} bytes exceeds {MAX_PAYLOAD}", fatal=True
-        )
+    payload = pb.payload  # every read of a bytes field copies it
+    if len(payload) > MAX_PAYLOAD:
+        message = f"payload of {len(payload)} bytes exceeds {MAX_PAYLOAD}"
+        raise RemoteProtocolError(message, fatal=True)
     return Message(
         type=pb.type,
         stream_id=pb.streamId,
         service_id=pb.serviceId,
         connection_id=pb.connectionId,
-        payload=pb.payload,
+        payload=payload,
         ignorable=pb.ignorable,
         available_service_ids=tuple(pb.availableServiceIds),
     )

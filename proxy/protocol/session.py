@@ -31,8 +31,8 @@ from proxy.protocol.actions import (
     WriteLocal,
 )
 from proxy.protocol.errors import LocalProtocolError, RemoteProtocolError
-from proxy.protocol.framing import Decoder, encode
-from proxy.protocol.messages import SERVICE_ID_RE, Message, MessageType
+from proxy.protocol.framing import Decoder, encode, frame_parts
+from proxy.protocol.messages import SERVICE_ID_RE, Message, MessageType, payload_wire, to_wire
 
 _MAX_STREAM_ID = 2**31 - 1
 _MAX_CONNECTION_ID = 2**32 - 1
@@ -58,22 +58,30 @@ _T = MessageType
 
 @dataclass(frozen=True, slots=True)
 class DataFramer:
-    """Frames payloads as DATA messages of one connection (see :meth:`TunnelSession.framer`)."""
+    """Frames payloads as DATA messages of one connection (see :meth:`TunnelSession.framer`).
+
+    The connection's fields are serialised once; each frame adds only its payload
+    (:func:`~proxy.protocol.messages.payload_wire`).
+    """
 
     stream_id: int
     service_id: str
     connection_id: int
+    _head: bytes = field(init=False, repr=False, compare=False)
 
-    def __call__(self, data: bytes) -> bytes:
-        return encode(
+    def __post_init__(self) -> None:
+        head = to_wire(
             Message(
                 _T.DATA,
                 stream_id=self.stream_id,
                 service_id=self.service_id,
                 connection_id=self.connection_id,
-                payload=data,
             )
         )
+        object.__setattr__(self, "_head", head)
+
+    def __call__(self, data: bytes) -> bytes:
+        return frame_parts(self._head, payload_wire(data))
 
 
 class TunnelSession:

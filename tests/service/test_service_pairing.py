@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from proxy.protocol.framing import Decoder, encode
+from proxy.protocol.framing import MAX_WS_MESSAGE, Decoder, encode
 from proxy.protocol.messages import MAX_PAYLOAD, Message
 from proxy.protocol.messages import MessageType as T
-from service.pairing import MAX_WS_MESSAGE, Pairing, describe, pack
+from service.pairing import Pairing, describe, pack
 from service.registry import Mode
 
 SRC, DST = Mode.SOURCE, Mode.DESTINATION

@@ -19,10 +19,9 @@ from service_harness import (
     Harness,
 )
 
-from proxy.protocol.framing import encode
+from proxy.protocol.framing import MAX_WS_MESSAGE, encode
 from proxy.protocol.messages import MAX_PAYLOAD, Message
 from proxy.protocol.messages import MessageType as T
-from service.pairing import MAX_WS_MESSAGE
 from service.registry import Mode
 
 SRC, DST = Mode.SOURCE, Mode.DESTINATION

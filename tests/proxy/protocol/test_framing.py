@@ -7,8 +7,9 @@ import re
 import pytest
 
 from proxy.protocol.errors import LocalProtocolError, RemoteProtocolError
-from proxy.protocol.framing import Decoder, encode
+from proxy.protocol.framing import PREFIX, Decoder, encode, frame_parts
 from proxy.protocol.messages import MAX_MESSAGE, MAX_PAYLOAD, Message, MessageType
+from proxy.protocol.session import DataFramer
 
 from .vectors import VECTORS, Vector, load_hex
 
@@ -211,3 +212,31 @@ def test_decoder_unusable_after_failure(first: bytes, second: bytes) -> None:
     with pytest.raises(RemoteProtocolError, match="used after a framing error") as info:
         decoder.feed(second)
     assert info.value.fatal
+
+
+def test_data_frame_in_two_parts_vector() -> None:
+    """A DATA frame as the session builds it: the connection's fields once, then the payload.
+
+    Hand-derived: 08 01 (type DATA) 10 05 (streamId 5) 2a 04 "SSH1" (serviceId)
+    38 03 (connectionId 3), then 22 02 "hi" (payload); 16 bytes, prefix 00 10.
+    """
+    frame = DataFramer(5, "SSH1", 3)(b"hi")
+    assert frame == bytes.fromhex("0010 0801 1005 2a04 53534831 3803 2202 6869")
+    assert Decoder().feed(frame) == [
+        Message(T.DATA, stream_id=5, service_id="SSH1", connection_id=3, payload=b"hi")
+    ]
+
+
+def test_data_frame_of_an_empty_payload_is_the_header_alone() -> None:
+    assert DataFramer(1, "", 0)(b"") == bytes.fromhex("0004 0801 1001")
+
+
+def test_data_frame_limits() -> None:
+    framer = DataFramer(1, "SSH1", 1)
+    assert len(framer(b"x" * MAX_PAYLOAD)) == PREFIX + 6 + 6 + 4 + MAX_PAYLOAD
+    with pytest.raises(LocalProtocolError, match="exceeds"):
+        framer(b"x" * (MAX_PAYLOAD + 1))
+    with pytest.raises(LocalProtocolError, match="cannot be framed"):
+        frame_parts(b"", b"")
+    with pytest.raises(LocalProtocolError, match="cannot be framed"):
+        frame_parts(b"\x08\x01", b"x" * MAX_MESSAGE)

@@ -36,7 +36,7 @@ from proxy.protocol.actions import (
 from proxy.protocol.errors import RemoteProtocolError
 from proxy.protocol.framing import Decoder, encode
 from proxy.protocol.messages import MAX_PAYLOAD, Message, MessageType
-from proxy.protocol.session import Role, TunnelSession
+from proxy.protocol.session import DataFramer, Role, TunnelSession
 
 from .playbook import SESSION_RESET, Link, decode_frame, service_ids
 from .vectors import VECTORS
@@ -182,6 +182,23 @@ def test_a_truncated_stream_yields_a_prefix_and_buffers_the_rest(
 @given(messages())
 def test_messages_round_trip(message: Message) -> None:
     assert decode_frame(encode(message)) == message
+
+
+@FUZZ
+@given(
+    st.integers(0, 2**31 - 1),
+    st.sampled_from(["", "SSH1", "HTTP1", "a:b_c-d"]),
+    st.integers(0, 2**32 - 1),
+    st.binary(max_size=2048),
+)
+def test_data_frames_in_two_parts_decode_as_one_message(
+    stream_id: int, service_id: str, connection_id: int, payload: bytes
+) -> None:
+    """The session's DATA frames (header once, payload appended) equal the plain encoding."""
+    frame = DataFramer(stream_id, service_id, connection_id)(payload)
+    expected = Message(MessageType.DATA, stream_id, service_id, connection_id, payload)
+    assert decode_frame(frame) == expected
+    assert len(frame) == len(encode(expected))
 
 
 # ---------------------------------------------------------------------- (b) the decoder's contract
