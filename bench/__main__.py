@@ -12,6 +12,7 @@ reference requires), so that builds can be compared side by side in one run.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import platform
@@ -23,7 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench.harness import ROOT, Proc, Stack, Tunnel, free_port, peak_rss_kib, rss_kib
+from bench.harness import ROOT, Proc, Stack, Tunnel, agent_ini, free_port, peak_rss_kib, rss_kib
+from bench.mqtt import mosquitto_binary
 from bench.pki import PKI
 
 MB = 1_000_000
@@ -189,6 +191,35 @@ def idle_rss(s: Setup) -> dict[str, Any]:
     return {name: rss_kib(p.pid) for name, p in s.procs().items()}
 
 
+def agent_idle_rss(workdir: Path, pki: PKI) -> dict[str, Any]:
+    """7: resident memory of an idle agent, connected to a broker and waiting for tunnels."""
+    if mosquitto_binary() is None:
+        return {"skipped": "mosquitto is not installed (Debian package 'mosquitto')"}
+    if importlib.util.find_spec("awscrt") is None:
+        return {"skipped": "the agent extra (awsiotsdk) is not installed"}
+    stack = Stack(workdir)
+    try:
+        _, port = stack.mosquitto(pki)
+        thing = pki.issue_client("bench-thing")
+        mappings = workdir / "destination.d"
+        mappings.mkdir(parents=True, exist_ok=True)
+        (mappings / "bench.ini").write_text("HTTP1 = 80\nSSH1 = 22\n")
+        settings = {
+            "endpoint": "127.0.0.1",
+            "port": port,
+            "client_id": "bench-thing",
+            "cert": thing.cert,
+            "key": thing.key,
+            "root_ca": pki.ca.cert,
+            "mapping_dir": mappings,
+        }
+        agent = stack.agent(agent_ini(workdir / "agent.ini", settings))
+        time.sleep(1.0)  # settle after the subscription
+        return {"agent": rss_kib(agent.pid)}
+    finally:
+        stack.close()
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     quick = args.quick
     total = (64 if quick else 512) * MiB
@@ -220,6 +251,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     setup, 200 if quick else 1000, (1024 if quick else 8192) * MiB
                 )
                 section["many_connections"] = many_connections(setup, 1000)
+                section["agent_idle_rss_kib"] = agent_idle_rss(workdir / "agent", pki)
             else:
                 section["latency_under_bulk"] = latency_under_bulk(
                     setup, 50 if quick else 200, 8 * MiB if quick else 24 * MiB
@@ -265,7 +297,9 @@ def table(results: dict[str, Any]) -> str:
             f" all echoed in {mc['total_s']} s, RSS after (MiB) {_mib(mc['rss_kib_after'])}"
         )
     if "idle_rss_kib" in u:
-        lines.append(f"  idle RSS (MiB): {_mib(u['idle_rss_kib'])}")
+        agent = u.get("agent_idle_rss_kib", {})
+        agent_text = f"agent skipped: {agent['skipped']}" if "skipped" in agent else _mib(agent)
+        lines.append(f"  idle RSS (MiB): {_mib(u['idle_rss_kib'])}; {agent_text}")
     return "\n".join(lines)
 
 

@@ -137,3 +137,30 @@ def test_get_waits_for_a_frame() -> None:
         return await asyncio.wait_for(waiter, 5)
 
     assert asyncio.run(scenario()) == b"a:hello"
+
+
+def test_messages_join_frames_up_to_the_time_budget() -> None:
+    """On a fast link two full frames share a WebSocket message; on a slow one none do."""
+    s = make(batch=100, max_message=131076)
+    a, b = Flow("a"), Flow("b")
+    s.observe_rate(1e9)  # 10 ms is far more than a message may hold
+    assert (s.quantum, s.budget) == (64512, 131076)
+    s.push_data(a, b"x" * 200_000)
+    s.push_data(b, b"y" * 10)
+    sizes = [len(m) for m in drain(s)]
+    assert sizes[0] == (2 + 64512) + (2 + 10) + (2 + 64512)  # round-robin inside a message
+    assert all(size <= 131076 for size in sizes)
+    assert sum(sizes) == 200_000 + 10 + 2 * 4 + 2
+    s.observe_rate(800_000)  # 8000 bytes in 10 ms: a message is one frame
+    assert (s.quantum, s.budget) == (8000, 8000)
+    s.push_data(a, b"x" * 20_000)
+    assert [len(m) for m in drain(s)] == [8002, 8002, 4002]
+
+
+def test_small_frames_join_up_to_the_batch_before_the_rate_is_known() -> None:
+    s = make(batch=100)
+    assert s.budget == 100
+    a, b = Flow("a"), Flow("b")
+    for flow in (a, b, a, b):
+        s.push_data(flow, b"z" * 40)
+    assert [len(m) for m in drain(s)] == [84, 84]
