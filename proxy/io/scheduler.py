@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 from proxy.protocol.framing import MAX_WS_MESSAGE
@@ -36,8 +36,9 @@ class Flow(Protocol):
     def resume_reading(self) -> None: ...
 
 
-#: Turns a payload into the DATA frame for a connection, or None if the tunnel dropped it.
-Encoder = Callable[[Flow, bytes], bytes | None]
+#: Turns a payload into the DATA frame for a connection, as pieces to join, or None if the
+#: tunnel dropped the connection.
+Encoder = Callable[[Flow, bytes], Sequence[bytes] | None]
 
 
 class _Queue:
@@ -147,27 +148,27 @@ class FairScheduler:
 
     def pop(self) -> bytes | None:
         """The next WebSocket message to send, or None if nothing is queued."""
-        frames: list[bytes] = []
+        pieces: list[bytes] = []
         size = 0
-        while self._control and (not frames or size + len(self._control[0]) <= self.budget):
+        while self._control and (not pieces or size + len(self._control[0]) <= self.budget):
             frame = self._control.popleft()
-            frames.append(frame)
+            pieces.append(frame)
             size += len(frame)
-        while self._ready and (not frames or size + self._next_size() <= self.budget):
+        while self._ready and (not pieces or size + self._next_size() <= self.budget):
             taken = self._take(self._ready.popleft())
             if taken is not None:
-                frames.append(taken)
-                size += len(taken)
-        if not frames:
+                pieces.extend(taken)
+                size += sum(map(len, taken))
+        if not pieces:
             return None
-        return frames[0] if len(frames) == 1 else b"".join(frames)
+        return pieces[0] if len(pieces) == 1 else b"".join(pieces)
 
     def _next_size(self) -> int:
         framed, data = self._ready[0].entries[0]
         return len(data) if framed else min(len(data), self.quantum)
 
-    def _take(self, queue: _Queue) -> bytes | None:
-        """One frame from the head of ``queue``; requeues it if it has more."""
+    def _take(self, queue: _Queue) -> Sequence[bytes] | None:
+        """One frame (as pieces) from the head of ``queue``; requeues it if it has more."""
         framed, data = queue.entries[0]
         if framed or len(data) <= self.quantum:
             queue.entries.popleft()
@@ -184,7 +185,7 @@ class FairScheduler:
             queue.paused = False
             queue.flow.resume_reading()
         if framed:
-            return piece
+            return (piece,)
         frame = self._encode(queue.flow, piece)
         if frame is None:  # the tunnel dropped the connection: what it queued is stale
             self.discard(queue.flow)

@@ -194,9 +194,9 @@ class Tunnel:
             return
 
     @staticmethod
-    def _encode(flow: object, data: bytes) -> bytes | None:
+    def _encode(flow: object, data: bytes) -> tuple[bytes, ...] | None:
         assert isinstance(flow, LocalConnection)
-        return None if flow.framer is None else flow.framer(data)
+        return None if flow.framer is None else flow.framer.pieces(data)
 
     async def _reader(self, ws: ClientConnection) -> bool:
         trace = log.isEnabledFor(TRACE)

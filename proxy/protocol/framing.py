@@ -27,10 +27,11 @@ def encode(message: Message) -> bytes:
     return len(wire).to_bytes(PREFIX, "big") + wire
 
 
-def frame_parts(head: bytes, body: bytes) -> bytes:
-    """One frame of a message serialised in two parts.
+def frame_parts(head: bytes, body: bytes) -> tuple[bytes, bytes, bytes]:
+    """One frame of a message serialised in two parts, as pieces to join: prefix, head, body.
 
-    See :func:`~proxy.protocol.messages.payload_wire`.
+    See :func:`~proxy.protocol.messages.payload_wire`. The pieces are left unjoined so that a
+    sender joining several frames into one WebSocket message copies each payload once.
 
     Raises:
         LocalProtocolError: the message is over :data:`MAX_MESSAGE`, or empty.
@@ -38,7 +39,7 @@ def frame_parts(head: bytes, body: bytes) -> bytes:
     size = len(head) + len(body)
     if not 0 < size <= MAX_MESSAGE:
         raise LocalProtocolError(f"message of {size} bytes cannot be framed (1..{MAX_MESSAGE})")
-    return b"".join((size.to_bytes(PREFIX, "big"), head, body))
+    return size.to_bytes(PREFIX, "big"), head, body
 
 
 class Decoder:

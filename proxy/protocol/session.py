@@ -81,6 +81,10 @@ class DataFramer:
         object.__setattr__(self, "_head", head)
 
     def __call__(self, data: bytes) -> bytes:
+        return b"".join(self.pieces(data))
+
+    def pieces(self, data: bytes) -> tuple[bytes, bytes, bytes]:
+        """The frame for ``data`` as pieces to join (see :func:`~.framing.frame_parts`)."""
         return frame_parts(self._head, payload_wire(data))
 
 

@@ -24,10 +24,10 @@ class Flow:
         self.events.append("resume")
 
 
-def frame(flow: object, data: bytes) -> bytes | None:
-    """A recognisable stand-in for a DATA frame: ``<name>:<payload>``."""
+def frame(flow: object, data: bytes) -> tuple[bytes, bytes] | None:
+    """A recognisable stand-in for a DATA frame: ``<name>:<payload>``, in two pieces."""
     assert isinstance(flow, Flow)
-    return (flow.name.encode() + b":" + data) if flow.live else None
+    return (flow.name.encode() + b":", data) if flow.live else None
 
 
 def make(**options: int | float) -> FairScheduler:
