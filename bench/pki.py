@@ -13,6 +13,7 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import ssl
+import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -138,6 +139,22 @@ class PKI:
             context.verify_mode = ssl.CERT_REQUIRED
             context.load_verify_locations(self.ca.cert)
         return context
+
+    def hashed_ca_directory(self, directory: Path) -> Path:
+        """The CA in an OpenSSL CA directory (``<subject hash>.0``), as ``c_rehash`` makes it."""
+        directory.mkdir(parents=True, exist_ok=True)
+        target = directory / "ca.pem"
+        target.write_bytes(self.ca.cert.read_bytes())
+        digest = subprocess.run(
+            ["openssl", "x509", "-hash", "-noout", "-in", str(target)],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        link = directory / f"{digest}.0"
+        if not link.exists():
+            link.symlink_to("ca.pem")
+        return directory
 
     def client_context(self, client: CertPair | None = None) -> ssl.SSLContext:
         """A client context that trusts the CA (and presents ``client``, if given)."""
