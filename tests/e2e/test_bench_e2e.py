@@ -1,0 +1,71 @@
+"""The benchmark's scenarios, small: on iotunnel's proxies and through ``--proxy-cmd``.
+
+Figures are not checked (tests never assert timings); what is checked is that every scenario
+runs through a real tunnel, moves what it should and reports it, and that another
+implementation taking the reference's flags can be driven the same way.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import sys
+from pathlib import Path
+
+import pytest
+
+from bench import __main__ as bench
+from bench.pki import PKI
+
+
+@pytest.mark.parametrize("proxy_cmd", [None, f"{shlex.quote(sys.executable)} -m proxy"])
+def test_scenarios_run_through_a_tunnel(tmp_path: Path, proxy_cmd: str | None) -> None:
+    pki = PKI.create(tmp_path / "pki")
+    setup = bench.start(tmp_path / "run", pki, proxy_cmd, [])
+    try:
+        results = {
+            "implementation": proxy_cmd or "iotunnel",
+            "machine": "test",
+            "date": "today",
+            "unlimited": {
+                "idle_rss_kib": bench.idle_rss(setup),
+                "latency_idle": bench.latency_idle(setup, 20),
+                "connection_setup": bench.connection_setup(setup, 5),
+                "throughput": bench.throughput(setup, 2 * bench.MiB),
+                "latency_under_bulk": bench.latency_under_bulk(setup, 10, 4 * bench.MiB),
+                "many_connections": bench.many_connections(setup, 50),
+            },
+        }
+    finally:
+        setup.stack.close()
+    section = results["unlimited"]
+    for key in ("download_1conn_unpaced", "upload_4conn_unpaced"):
+        moved = section["throughput"][key]
+        assert moved["bytes"] == moved["expected"] == 2 * bench.MiB
+        assert set(moved["cpu_s_per_gb"]) == {"source", "destination", "service"}
+    assert section["latency_idle"]["count"] == 20
+    assert section["connection_setup"]["first_byte_after_5ms"]["count"] == 5
+    assert section["latency_under_bulk"]["bulk"]["bytes"] == 4 * bench.MiB
+    assert section["many_connections"]["ok"] == 50
+    assert all(kib > 1024 for kib in section["idle_rss_kib"].values())
+    text = bench.table(results)
+    assert "RTT 64 B on SSH1 during HTTP1 bulk [unlimited]" in text
+    assert "50 simultaneous connections: 50 ok" in text
+    json.dumps(results)
+
+
+def test_reference_flags_carry_the_token_on_the_command_line(tmp_path: Path) -> None:
+    """The reference takes ``-t``; iotunnel's own proxies get it from the environment."""
+    pki = PKI.create(tmp_path / "pki")
+    setup = bench.start(tmp_path / "run", pki, f"{shlex.quote(sys.executable)} -m proxy", [])
+    try:
+        argv = Path(f"/proc/{setup.destination.pid}/cmdline").read_bytes().split(b"\0")
+        assert {b"-t", b"-d", b"-c"} <= set(argv)
+        ours = bench.start(tmp_path / "ours", pki, None, [])
+        try:
+            argv = Path(f"/proc/{ours.destination.pid}/cmdline").read_bytes().split(b"\0")
+            assert b"-t" not in argv
+        finally:
+            ours.stack.close()
+    finally:
+        setup.stack.close()
