@@ -126,9 +126,9 @@ def throughput(s: Setup, total: int) -> dict[str, Any]:
     for direction in ("download", "upload"):
         for paced in (False, True):
             for conns in (1, 4):
-                args = ["--bytes", str(total), "--conns", str(conns)]
-                if paced:  # a quarter of the bytes: 20 MB/s is a tenth of the unpaced rate
-                    args = ["--bytes", str(total // 4), "--conns", str(conns), "--rate", str(PACE)]
+                # Paced runs move a quarter of the bytes: 20 MB/s is a tenth of the unpaced rate.
+                size, rate = (total // 4, ["--rate", str(PACE)]) if paced else (total, [])
+                args = ["--bytes", str(size), "--conns", str(conns), *rate]
                 before = {name: cpu_seconds(p.pid) for name, p in procs.items()}
                 result = load(direction, s.http1, *args)
                 cpu = {name: cpu_seconds(p.pid) - before[name] for name, p in procs.items()}

@@ -33,10 +33,13 @@ _ENVIRONMENT = ("MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_", "MALLOC_MMAP_THRESH
 def tune_allocator() -> bool:
     """Apply the settings above on glibc; True if they were applied.
 
-    Does nothing on another C library, or when the environment already sets any of glibc's
-    ``MALLOC_*_`` tunables (the operator's choice wins).
+    Does nothing on another C library, or when the environment already tunes glibc's malloc
+    (``MALLOC_*_`` variables or ``glibc.malloc.*`` in ``GLIBC_TUNABLES``): the operator's
+    choice wins.
     """
     if any(name in os.environ for name in _ENVIRONMENT):
+        return False
+    if "glibc.malloc." in os.environ.get("GLIBC_TUNABLES", ""):
         return False
     try:
         import ctypes

@@ -82,7 +82,6 @@ class FairScheduler:
         self._encode = encode
         self._high = high_water
         self._low = low_water
-        self._batch = batch
         self._min_quantum = min(min_quantum, max_quantum)
         self._max_quantum = max_quantum
         self._max_message = max_message
@@ -105,7 +104,7 @@ class FairScheduler:
         """The writer measured how fast the link drains while it was busy: resize frames."""
         wanted = int(bytes_per_second * self._target_delay)
         self.quantum = max(self._min_quantum, min(self._max_quantum, wanted))
-        self.budget = max(min(self._batch, self.quantum), min(self._max_message, wanted))
+        self.budget = max(self.quantum, min(self._max_message, wanted))
 
     def push_control(self, frame: bytes) -> None:
         """Queue a frame that belongs to no connection (sent before any data)."""

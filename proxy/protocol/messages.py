@@ -78,14 +78,18 @@ class Message:
         return f"Message({', '.join(parts)})"
 
 
+def _check_payload(payload: bytes) -> None:
+    if len(payload) > MAX_PAYLOAD:
+        raise LocalProtocolError(f"payload of {len(payload)} bytes exceeds {MAX_PAYLOAD}")
+
+
 def to_wire(message: Message) -> bytes:
     """Serialise ``message`` (without the length prefix).
 
     Raises:
         LocalProtocolError: the message could not be sent (too large, bad field).
     """
-    if len(message.payload) > MAX_PAYLOAD:
-        raise LocalProtocolError(f"payload of {len(message.payload)} bytes exceeds {MAX_PAYLOAD}")
+    _check_payload(message.payload)
     try:
         pb = _pb.Message(
             type=message.type,
@@ -114,8 +118,7 @@ def payload_wire(payload: bytes) -> bytes:
     Raises:
         LocalProtocolError: ``payload`` is over :data:`MAX_PAYLOAD`.
     """
-    if len(payload) > MAX_PAYLOAD:
-        raise LocalProtocolError(f"payload of {len(payload)} bytes exceeds {MAX_PAYLOAD}")
+    _check_payload(payload)
     wire: bytes = _pb.Message(payload=payload).SerializeToString()
     return wire
 
