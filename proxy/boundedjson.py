@@ -59,9 +59,7 @@ def loads(
         elif piece in "]}":
             depth -= 1
     try:
-        return json.loads(
-            text, object_pairs_hook=object_pairs_hook, parse_constant=parse_constant
-        )
+        return json.loads(text, object_pairs_hook=object_pairs_hook, parse_constant=parse_constant)
     except json.JSONDecodeError as exc:
         # exc.msg and the position only: never the document, which may hold a secret.
         raise JSONInputError(
