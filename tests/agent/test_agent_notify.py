@@ -84,6 +84,19 @@ def test_rejections_say_why(data: bytes, reason: str) -> None:
     assert reason in rejected(data)
 
 
+def test_nested_json_is_rejected_not_raised() -> None:
+    # Issue 11 #1: 2 KB of brackets raised RecursionError out of json.loads.
+    reason = rejected(b"[" * 1000 + b"]" * 1000)
+    assert reason.startswith("malformed JSON: nested more than")
+    deep = payload(region=[[[[[[[[[[["x"]]]]]]]]]]])
+    assert "nested more than" in rejected(deep)
+
+
+def test_a_number_too_long_for_int_is_a_rejection() -> None:
+    # json.loads raises a plain ValueError (not JSONDecodeError) for a 5000-digit integer.
+    assert "malformed JSON" in rejected(b'{"region": ' + b"1" * 5000 + b"}")
+
+
 def test_long_values_are_shortened_in_the_reason() -> None:
     reason = rejected(payload(clientMode="x" * 500))
     assert len(reason) < 100
