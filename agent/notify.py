@@ -51,11 +51,6 @@ class Notification:
     region: str
     services: tuple[str, ...]
 
-    @property
-    def service_set(self) -> frozenset[str]:
-        """The services as a set: two notifications for the same set are the same tunnel's."""
-        return frozenset(self.services)
-
     def fingerprint(self) -> bytes:
         """A digest of all four fields: equal for an exact duplicate, never shown in logs."""
         text = "\0".join(["destination", self.token.reveal(), self.region, *self.services])

@@ -969,6 +969,7 @@ SHIPPED_DIRS = {"SSHDestination.ini": "destination.d", "SSHSource.ini": "source.
             [
                 ServiceMapping("HTTP1", Endpoint(None, 80)),
                 ServiceMapping("SSH1", Endpoint(None, 22)),
+                ServiceMapping("SSH", Endpoint(None, 22)),  # the AWS console's quick setup
             ],
         ),
         (
