@@ -102,4 +102,3 @@ def test_the_nested_json_of_issue_11_is_rejected_by_the_running_handler(
     with caplog.at_level(logging.DEBUG, logger="agent"):
         asyncio.run(scenario())
     assert "notification rejected: malformed JSON: nested more than" in caplog.text
-
