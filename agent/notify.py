@@ -72,12 +72,15 @@ _HIDDEN = "<token>"
 
 
 def _hide(text: str, token: object) -> str:
-    """``text`` without ``token``, as written or as ``repr`` escapes it."""
-    if isinstance(token, str) and token:
-        text = text.replace(token, _HIDDEN)
-        escaped = repr(token)[1:-1]
-        if escaped:
-            text = text.replace(escaped, _HIDDEN)
+    """``text`` without the token (or the strings of a token sent as a list), as written or as
+    ``repr`` escapes it."""
+    secrets = [token] if isinstance(token, str) else token if isinstance(token, list) else []
+    for secret in secrets:
+        if isinstance(secret, str) and secret:
+            text = text.replace(secret, _HIDDEN)
+            escaped = repr(secret)[1:-1]
+            if escaped:
+                text = text.replace(escaped, _HIDDEN)
     return text
 
 
@@ -147,6 +150,9 @@ def _check(
             return Rejection(f"services holds {shown(service)}, which is not a service ID")
     if len(set(services)) != len(services):
         return Rejection("services names a service twice")
+    if any(token in value for value in (region, *services)):
+        # Region and services are logged; the token must never be.
+        return Rejection("the clientAccessToken is repeated in region or services")
     unmapped = [service for service in services if service not in mapped]
     if unmapped:
         where = f" in {mapping_dir}" if mapping_dir else ""
