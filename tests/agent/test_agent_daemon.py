@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from types import SimpleNamespace
 
 import pytest
 from agent_files import DeviceFiles
@@ -102,3 +103,25 @@ def test_the_nested_json_of_issue_11_is_rejected_by_the_running_handler(
     with caplog.at_level(logging.DEBUG, logger="agent"):
         asyncio.run(scenario())
     assert "notification rejected: malformed JSON: nested more than" in caplog.text
+
+
+def test_a_publish_that_cannot_be_read_is_dropped_on_the_crt_thread(
+    device: DeviceFiles, caplog: pytest.LogCaptureFixture
+) -> None:
+    from agent.mqtt import MqttLink
+
+    async def scenario() -> int:
+        link = MqttLink(agent_settings(device), asyncio.get_running_loop())
+        unreadable = SimpleNamespace(publish_packet=SimpleNamespace(topic="t", payload=object()))
+        link._on_publish(unreadable)  # type: ignore[arg-type]
+        readable = SimpleNamespace(publish_packet=SimpleNamespace(topic="t", payload=b"{}"))
+        link._on_publish(readable)  # type: ignore[arg-type]
+        event = await asyncio.wait_for(link.events.get(), 30)
+        assert event == Message("t", b"{}")
+        return link.events.qsize()
+
+    with caplog.at_level(logging.DEBUG, logger="agent"):
+        assert asyncio.run(scenario()) == 0
+    assert [r.getMessage() for r in caplog.records] == [
+        "cannot read an MQTT message: TypeError; dropped"
+    ]
