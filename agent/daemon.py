@@ -3,7 +3,9 @@
 Long-lived tasks run in one :class:`asyncio.TaskGroup`: the MQTT event reader, the watchdog
 pinger, the status updater and one task per proxy child. CRT callbacks reach the loop only as
 queued events (:mod:`agent.mqtt`). The :class:`~agent.supervisor.Supervisor` decides; this
-module carries out its actions in order, without awaiting in between.
+module carries out its actions in order, without awaiting in between. Handling one MQTT message
+is a boundary: whatever it raises is one error line (the exception's type, never its text) and the
+message is dropped; the agent and its tunnels go on.
 
 SIGTERM and SIGINT: STOPPING=1, stop every child (SIGTERM, then SIGKILL after a grace period),
 disconnect from the broker, exit 0.

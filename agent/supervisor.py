@@ -21,7 +21,7 @@ One notification, one tunnel, one child proxy. The rules:
   exponential backoff, with the same access and client tokens, up to ``max_restarts`` times
   in a row. A child that ran for ``stable_after`` seconds resets the count.
 
-Per tunnel::
+Per tunnel (a notification only ever adds a tunnel: it moves no other one)::
 
     RUNNING --crash--> WAITING --restart due--> RUNNING
     RUNNING --exit 0/2/3, or too many crashes--> (gone)
