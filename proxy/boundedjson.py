@@ -65,5 +65,7 @@ def loads(
         raise JSONInputError(
             f"not valid JSON: {exc.msg} (line {exc.lineno}, column {exc.colno})"
         ) from None
+    except ValueError as exc:  # e.g. an integer of more than sys.get_int_max_str_digits()
+        raise JSONInputError(f"not valid JSON: {exc}") from None
     except RecursionError:  # pragma: no cover - the depth scan refuses these first
         raise JSONInputError(f"nested more than {max_depth} levels deep") from None

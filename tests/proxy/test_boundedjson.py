@@ -55,3 +55,8 @@ def test_any_input_parses_or_raises_jsoninputerror(data: str | bytes) -> None:
         return
     text = data.decode() if isinstance(data, bytes) else data
     assert json.dumps(value) == json.dumps(json.loads(text))  # NaN != NaN, so compare text
+
+
+def test_huge_integers_are_a_jsoninputerror() -> None:
+    with pytest.raises(JSONInputError, match="not valid JSON: Exceeds the limit"):
+        loads("1" * 5000)
