@@ -140,8 +140,10 @@ class Stack:
         argv: Sequence[str],
         *,
         env: Mapping[str, str] | None = None,
+        cwd: Path | None = None,
     ) -> Proc:
-        """Start ``argv`` with the project on PYTHONPATH and extra ``env``."""
+        """Start ``argv`` with the project on PYTHONPATH and extra ``env``, in ``cwd`` (the
+        work directory by default)."""
         log_path = self.workdir / f"{name}.log"
         full_env = {k: v for k, v in os.environ.items() if not k.startswith("AWSIOT_TUNNEL_")}
         full_env["PYTHONPATH"] = os.pathsep.join(
@@ -156,7 +158,7 @@ class Stack:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 env=full_env,
-                cwd=self.workdir,
+                cwd=self.workdir if cwd is None else cwd,
             )
         proc = Proc(name, popen, log_path)
         self.procs.append(proc)
