@@ -282,14 +282,15 @@ class Stack:
         proc.wait_for(MOSQUITTO_RUNNING)
         return proc, port
 
-    def sshd(self, name: str = "sshd") -> tuple[Proc, int, SshSetup]:
-        """Start a throw-away sshd on a free loopback port (see :mod:`bench.sshd`)."""
+    def sshd(self, name: str = "sshd", *, keys: Path | None = None) -> tuple[Proc, int, SshSetup]:
+        """Start a throw-away sshd on a free loopback port (see :mod:`bench.sshd`); its keys and
+        config go to ``keys`` (default: ``<work directory>/<name>``)."""
         from bench.sshd import SSHD_LISTENING, prepare_sshd, sshd_binary
 
         binary = sshd_binary()
         if binary is None:
             raise HarnessError("sshd/ssh are not installed (openssh-server, openssh-client)")
-        setup = prepare_sshd(self.workdir / name)
+        setup = prepare_sshd(self.workdir / name if keys is None else keys)
         port = free_port()
         proc = self.start(name, setup.argv(binary, port))
         proc.wait_for(SSHD_LISTENING)
