@@ -402,11 +402,11 @@ def run(workdir: Path, *, ports: dict[str, int] | None = None) -> int:
             f"{_stats(inside)}",
         ]
         if ssh is not None:
-            good = sum(t.ok for t in commands)
+            answered = sum(t.ok for t in commands)
             took = [t.ms / 1000 for t in commands] or [0.0]
             lines.append(
                 f"  SSH1   {len(commands)} x ssh {ssh.user}@device echo ok, {span(commands)}: "
-                f"{good} x ok ({min(took):.1f}..{max(took):.1f} s each, with login)"
+                f"{answered} x ok ({min(took):.1f}..{max(took):.1f} s each, with login)"
             )
         lines.append(
             f"  HTTP1  {len(pages)} x GET /index.html, {span(pages)}: "
@@ -442,7 +442,7 @@ def run(workdir: Path, *, ports: dict[str, int] | None = None) -> int:
         and len(inside) >= 10
         and len(pages) > 0
         and all(t.ok for t in pages)
-        and (ssh is None or (commands and all(t.ok for t in commands)))
+        and (ssh is None or (bool(commands) and all(t.ok for t in commands)))
         and not overlap.errors
         and not leaks
     )
