@@ -70,7 +70,8 @@ ENV_CLIENT_TOKEN = "AWSIOT_TUNNEL_CLIENT_TOKEN"  # noqa: S105
 ENV_ENDPOINT = "AWSIOT_TUNNEL_ENDPOINT"
 ENV_REGION = "AWSIOT_TUNNEL_REGION"
 
-#: Where mappings are read from when neither ``--config-dir`` nor ``-s``/``-d`` is given.
+#: Where mappings are read from when neither ``--config-dir`` nor ``-s``/``-d`` is given; only
+#: when every file in it is a mapping file (otherwise a source warns, a destination stops).
 DEFAULT_CONFIG_DIR = "config"
 
 _CLIENT_TOKEN_RE = re.compile(r"[a-zA-Z0-9-]{32,128}")
