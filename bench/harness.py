@@ -140,8 +140,10 @@ class Stack:
         argv: Sequence[str],
         *,
         env: Mapping[str, str] | None = None,
+        cwd: Path | None = None,
     ) -> Proc:
-        """Start ``argv`` with the project on PYTHONPATH and extra ``env``."""
+        """Start ``argv`` with the project on PYTHONPATH and extra ``env``, in ``cwd`` (the
+        work directory by default)."""
         log_path = self.workdir / f"{name}.log"
         full_env = {k: v for k, v in os.environ.items() if not k.startswith("AWSIOT_TUNNEL_")}
         full_env["PYTHONPATH"] = os.pathsep.join(
@@ -156,7 +158,7 @@ class Stack:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 env=full_env,
-                cwd=self.workdir,
+                cwd=self.workdir if cwd is None else cwd,
             )
         proc = Proc(name, popen, log_path)
         self.procs.append(proc)
@@ -280,14 +282,15 @@ class Stack:
         proc.wait_for(MOSQUITTO_RUNNING)
         return proc, port
 
-    def sshd(self, name: str = "sshd") -> tuple[Proc, int, SshSetup]:
-        """Start a throw-away sshd on a free loopback port (see :mod:`bench.sshd`)."""
+    def sshd(self, name: str = "sshd", *, keys: Path | None = None) -> tuple[Proc, int, SshSetup]:
+        """Start a throw-away sshd on a free loopback port (see :mod:`bench.sshd`); its keys and
+        config go to ``keys`` (default: ``<work directory>/<name>``)."""
         from bench.sshd import SSHD_LISTENING, prepare_sshd, sshd_binary
 
         binary = sshd_binary()
         if binary is None:
             raise HarnessError("sshd/ssh are not installed (openssh-server, openssh-client)")
-        setup = prepare_sshd(self.workdir / name)
+        setup = prepare_sshd(self.workdir / name if keys is None else keys)
         port = free_port()
         proc = self.start(name, setup.argv(binary, port))
         proc.wait_for(SSHD_LISTENING)

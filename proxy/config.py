@@ -70,7 +70,8 @@ ENV_CLIENT_TOKEN = "AWSIOT_TUNNEL_CLIENT_TOKEN"  # noqa: S105
 ENV_ENDPOINT = "AWSIOT_TUNNEL_ENDPOINT"
 ENV_REGION = "AWSIOT_TUNNEL_REGION"
 
-#: Where mappings are read from when neither ``--config-dir`` nor ``-s``/``-d`` is given.
+#: Where mappings are read from when neither ``--config-dir`` nor ``-s``/``-d`` is given; only
+#: when every file in it is a mapping file (otherwise a source warns, a destination stops).
 DEFAULT_CONFIG_DIR = "config"
 
 _CLIENT_TOKEN_RE = re.compile(r"[a-zA-Z0-9-]{32,128}")
@@ -293,6 +294,9 @@ class ProxySettings:
         peer_version: The protocol version assumed for the peer: 3, or 1/2 from ``-y`` (source).
         tuning: Fine-grained knobs.
         access_token_from_argv: The token came from ``-t`` and is visible to other local users.
+        skipped_config_dir: Why the default ``./config`` was not read as mappings (source mode,
+            where mappings are optional), to be logged as a warning; ``None`` when it was read
+            or absent.
     """
 
     mode: Mode
@@ -307,6 +311,7 @@ class ProxySettings:
     peer_version: int
     tuning: Tuning
     access_token_from_argv: bool
+    skipped_config_dir: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -1185,7 +1190,8 @@ def _resolve_mode(sources: _Sources) -> tuple[Mode, _Given | None]:
 
 def _resolve_mappings(
     sources: _Sources, mode: Mode, apps: _Given | None, cwd: Path
-) -> tuple[ServiceMapping, ...]:
+) -> tuple[tuple[ServiceMapping, ...], str | None]:
+    """The mappings, and a warning when the default ``./config`` was not usable."""
     from_cli: list[_Sourced] = []
     if apps is not None:
         from_cli = [
@@ -1195,14 +1201,31 @@ def _resolve_mappings(
     config_dir = sources.get("config-dir")
     from_files: list[_Sourced] = []
     read_dir: str | None = None
+    skipped: str | None = None
     if config_dir is not None:
         read_dir = config_dir.value.strip()
         if not read_dir or not (cwd / read_dir).is_dir():
             _fail(config_dir, "not a directory")
         from_files = _mapping_dir_entries(cwd / read_dir, read_dir, mode)
     elif apps is None and (cwd / DEFAULT_CONFIG_DIR).is_dir():
-        read_dir = DEFAULT_CONFIG_DIR
-        from_files = _mapping_dir_entries(cwd / read_dir, read_dir, mode)
+        # The implicit ./config may be some other program's settings (a checkout's or
+        # /etc/iotunnel's config/). Explicit --config-dir is strict; the default is used only
+        # when all of it reads as mappings, as the reference skips files it cannot parse.
+        try:
+            from_files = _mapping_dir_entries(cwd / DEFAULT_CONFIG_DIR, DEFAULT_CONFIG_DIR, mode)
+        except ConfigError as exc:
+            if mode is Mode.DESTINATION:
+                raise ConfigError(
+                    "destination mode needs a service mapping: give -d (e.g. -d SSH1=22) or "
+                    f"--config-dir; the default ./{DEFAULT_CONFIG_DIR} is not a mapping "
+                    f"directory: {exc}"
+                ) from None
+            skipped = (
+                f"not using ./{DEFAULT_CONFIG_DIR} for mappings ({exc}); every service gets a "
+                "free port (choose with -s or --config-dir)"
+            )
+        else:
+            read_dir = DEFAULT_CONFIG_DIR
 
     overridden = {entry.mapping.service_id for entry in from_cli}
     merged = from_cli + [e for e in from_files if e.mapping.service_id not in overridden]
@@ -1219,7 +1242,7 @@ def _resolve_mappings(
             "destination mode needs a service mapping: give -d (e.g. -d SSH1=22) or "
             f"SERVICE_ID = endpoint lines in --config-dir{where}"
         )
-    return tuple(entry.mapping for entry in merged)
+    return tuple(entry.mapping for entry in merged), skipped
 
 
 def _resolve_url(sources: _Sources, mode: Mode, settings: _FileSettings) -> str:
@@ -1272,12 +1295,13 @@ def _settings(sources: _Sources, cwd: Path, *, token_from_argv: bool) -> ProxySe
     capath = sources.get("capath")
     no_verify = sources.get("no-ssl-host-verify")
     verbose = sources.get("verbose")
+    mappings, skipped_config_dir = _resolve_mappings(sources, mode, apps, cwd)
     return ProxySettings(
         mode=mode,
         url=url,
         access_token=_access_token(token),
         client_token=None if client is None else _client_token(client),
-        mappings=_resolve_mappings(sources, mode, apps, cwd),
+        mappings=mappings,
         bind_address=bind_address,
         ca_path=None if capath is None else str(_existing_path(capath, cwd).absolute()),
         verify_host=no_verify is None or not _switch(no_verify),
@@ -1285,6 +1309,7 @@ def _settings(sources: _Sources, cwd: Path, *, token_from_argv: bool) -> ProxySe
         peer_version=peer_version,
         tuning=file_settings.tuning,
         access_token_from_argv=token_from_argv,
+        skipped_config_dir=skipped_config_dir,
     )
 
 

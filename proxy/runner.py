@@ -37,6 +37,8 @@ def run(settings: ProxySettings) -> int:
             "the access token was given with -t: other users can read a command line; "
             "prefer the AWSIOT_TUNNEL_ACCESS_TOKEN environment variable"
         )
+    if settings.skipped_config_dir is not None:
+        log.warning("%s", settings.skipped_config_dir)
     if not settings.verify_host:
         log.warning("TLS host name verification is off (-k)")
     tune_allocator()

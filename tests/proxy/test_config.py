@@ -923,8 +923,37 @@ def test_default_config_dir(tmp_path: Path) -> None:
     )
     write(tmp_path / "config" / "bad.ini", "oops\n")
     assert err(["-r", "us-east-1", "-m", "dst"], tmp_path) == (
+        "destination mode needs a service mapping: give -d (e.g. -d SSH1=22) or --config-dir; "
+        "the default ./config is not a mapping directory: "
         "config/bad.ini:1: 'oops': expected 'SERVICE_ID = endpoint'"
     )
+
+
+def test_default_config_dir_that_is_not_mappings(tmp_path: Path) -> None:
+    """A ./config of other settings (a checkout's, /etc/iotunnel's) does not stop a source,
+    whose mappings are optional: it is skipped with a warning naming file:line. An explicit
+    --config-dir stays strict, and -s/-d skip the default directory altogether."""
+    write(tmp_path / "config" / "agent.ini", "# the agent\n[agent]\nport = 8883\n")
+    write(tmp_path / "config" / "destination.d" / "SSHDestination.ini", "SSH1 = 22\n")
+    settings = ok(["-r", "us-east-1", "-m", "src"], tmp_path)
+    assert settings.mappings == ()
+    assert settings.skipped_config_dir == (
+        "not using ./config for mappings (config/agent.ini:2: '[agent]': section headers are "
+        "not allowed); every service gets a free port (choose with -s or --config-dir)"
+    )
+    assert err(["-r", "us-east-1", "-m", "dst"], tmp_path).endswith(
+        "the default ./config is not a mapping directory: "
+        "config/agent.ini:2: '[agent]': section headers are not allowed"
+    )
+    assert err(["-r", "us-east-1", "-m", "src", "--config-dir", "config"], tmp_path) == (
+        "config/agent.ini:2: '[agent]': section headers are not allowed"
+    )
+    assert ok(["-r", "us-east-1", "-d", "SSH1=2222"], tmp_path).skipped_config_dir is None
+    # A usable default directory is read, with nothing to warn about.
+    (tmp_path / "config" / "agent.ini").unlink()
+    usable = ok(["-r", "us-east-1", "-m", "src"], tmp_path)
+    assert usable.mappings == (ServiceMapping("SSH1", Endpoint(None, 22)),)
+    assert usable.skipped_config_dir is None
 
 
 def test_config_dir_errors(tmp_path: Path) -> None:
