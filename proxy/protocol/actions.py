@@ -52,9 +52,17 @@ class WriteLocal:
 
 @dataclass(frozen=True, slots=True)
 class CloseLocal:
-    """Close the local connection (after writing what is queued for it). The session forgot it."""
+    """Close the local connection. The session forgot it.
+
+    ``reset`` is False when the peer ended the connection (CONNECTION_RESET, STREAM_RESET, a
+    replacing STREAM_START): its far end most likely closed normally, so close after writing
+    what is queued (FIN). It is True when the whole session ended (SESSION_RESET, a broken
+    frame stream, :meth:`TunnelSession.reset` after losing the WebSocket): data in flight is
+    lost, so reset the local connection (RST) for its client to see an error, not a clean end.
+    """
 
     conn: ConnectionRef
+    reset: bool = False
 
 
 Action = ServiceIdsReceived | OpenLocal | WriteLocal | CloseLocal

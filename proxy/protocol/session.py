@@ -271,15 +271,18 @@ class TunnelSession:
 
         Returns the new connection; the STREAM_START or CONNECTION_START for it is in
         :meth:`data_to_send`. On V1/V2 a service carries one connection: an older one is closed.
+        The unnamed service ``""`` (a tunnel announcing no service) is a V1 stream whatever the
+        version: a destination reads a STREAM_START without a service ID as V1.
         """
         if self.role is not Role.SOURCE:
             raise LocalProtocolError("only a source opens connections")
         if self.version == 1:
             service_id = ""
+        version = self.version if service_id else 1
         stream = self._streams.get(service_id)
         if (
             stream is not None
-            and self.version == 3
+            and version == 3
             and stream.next_connection_id <= _MAX_CONNECTION_ID
         ):
             cid = stream.next_connection_id
@@ -292,8 +295,8 @@ class TunnelSession:
             self._close_stream(service_id, stream)
         stream_id = self._next_stream_id
         self._next_stream_id = stream_id + 1 if stream_id < _MAX_STREAM_ID else 1
-        self._streams[service_id] = _Stream(stream_id, self.version, {1})
-        self._send(_T.STREAM_START, service_id, stream_id, 1 if self.version == 3 else 0)
+        self._streams[service_id] = _Stream(stream_id, version, {1})
+        self._send(_T.STREAM_START, service_id, stream_id, 1 if version == 3 else 0)
         return ConnectionRef(service_id, stream_id, 1)
 
     def encode_data(self, conn: ConnectionRef, data: bytes) -> bytes | None:
@@ -350,14 +353,15 @@ class TunnelSession:
             return None
         return stream
 
-    def _close_stream(self, service_id: str, stream: _Stream) -> None:
+    def _close_stream(self, service_id: str, stream: _Stream, *, reset: bool = False) -> None:
         for cid in sorted(stream.connections):
-            self._actions.append(CloseLocal(ConnectionRef(service_id, stream.stream_id, cid)))
+            ref = ConnectionRef(service_id, stream.stream_id, cid)
+            self._actions.append(CloseLocal(ref, reset=reset))
 
     def _close_all(self) -> None:
         streams, self._streams = self._streams, {}
         for service_id, stream in streams.items():
-            self._close_stream(service_id, stream)
+            self._close_stream(service_id, stream, reset=True)
 
     def _send_reset(self, service_id: str, stream_id: int, cid: int, version: int) -> None:
         if version == 3:

@@ -209,6 +209,24 @@ class TestSourceOldVersions:
         )
         assert src.connection_count == 0
 
+    def test_unnamed_service_on_v3_is_a_v1_stream(self, src: TunnelSession) -> None:
+        """A tunnel announcing no service is served by ``-s PORT`` as the unnamed V1 stream:
+        a STREAM_START without service or connection id, one connection at a time (a
+        destination reads such a STREAM_START as V1 and refuses CONNECTION_START on it)."""
+        first, second = ref("", 1, 1), ref("", 2, 1)
+        assert (
+            Playbook(src)
+            >> Open("", first)
+            << stream_start(1, service="", conn=0)
+            >> Write(first, b"a")
+            << data(1, b"a", service="", conn=0)
+            >> Open("", second)
+            << CloseLocal(first)
+            << stream_start(2, service="", conn=0)
+            >> Closed(second)
+            << stream_reset(2, service="")
+        )
+
     def test_v2_no_connection_id_and_a_second_connection_replaces_the_first(self) -> None:
         src = TunnelSession(Role.SOURCE, version=2)
         first, second, http = ref("SSH1", 1, 1), ref("SSH1", 2, 1), ref("HTTP1", 3, 1)
@@ -543,8 +561,8 @@ class TestResets:
         assert (
             Playbook(session)
             >> load_hex("session_reset")
-            << CloseLocal(ref("SSH1", 1, 1))
-            << CloseLocal(ref("HTTP1", 2, 1))
+            << CloseLocal(ref("SSH1", 1, 1), reset=True)
+            << CloseLocal(ref("HTTP1", 2, 1), reset=True)
             >> SESSION_RESET
         )
         assert session.connection_count == 0
@@ -619,8 +637,8 @@ class TestReset:
             << OpenLocal(ref("HTTP1", 2, 1))
             >> load_hex("data_v3")[:5]  # part of a frame is buffered ...
             >> Reset()
-            << CloseLocal(ref("SSH1", 1, 1))
-            << CloseLocal(ref("HTTP1", 2, 1))
+            << CloseLocal(ref("SSH1", 1, 1), reset=True)
+            << CloseLocal(ref("HTTP1", 2, 1), reset=True)
             >> data(1, b"stale after reset")  # ... and dropped: this frame decodes cleanly
             >> stream_start(3, "VNC1")  # SERVICE_IDS forgotten: no longer unannounced
             << OpenLocal(ref("VNC1", 3, 1))
@@ -635,7 +653,7 @@ class TestReset:
         """
         conn = src.open_connection("SSH1")
         src.reset()
-        assert src.actions() == [CloseLocal(conn)]
+        assert src.actions() == [CloseLocal(conn, reset=True)]
         assert src.data_to_send() == []
         assert (
             Playbook(src)
@@ -650,7 +668,7 @@ class TestReset:
             << OpenLocal(ref("SSH1", 1, 1))
             >> b"\x00\x00"
             << Err("tunnel frame length 0", fatal=True)
-            << CloseLocal(ref("SSH1", 1, 1))
+            << CloseLocal(ref("SSH1", 1, 1), reset=True)
         )
         assert dst.broken
         # Until reset(), nothing more is read.
@@ -666,7 +684,7 @@ class TestReset:
             << stream_start(1)
             >> b"\x00\x01\xff"
             << Err("undecodable tunnel message", fatal=True)
-            << CloseLocal(conn)
+            << CloseLocal(conn, reset=True)
             >> Write(conn, b"x")
         )
         assert src.broken
