@@ -42,7 +42,8 @@ class TestUnnamed:
         """Regression: an empty SERVICE_IDS list crashed the source with IndexError."""
         result = plan([m("", E5555)], ())
         assert served(result) == {"": ("", E5555)}
-        assert result.unused == () and result.ignored == 0
+        assert result.unused == ()
+        assert result.ignored == 0
 
     @pytest.mark.parametrize("plan", [plan_source, plan_destination])
     def test_v1_tunnel(self, plan) -> None:
@@ -79,7 +80,8 @@ class TestNamedSource:
             Binding("SSH1", "SSH1", E22),
             Binding("VNC1", "VNC1", SOCK),
         )
-        assert result.unused == () and result.ignored == 0
+        assert result.unused == ()
+        assert result.ignored == 0
 
     def test_no_mappings_free_ports_for_all(self) -> None:
         assert served(plan_source([], ("SSH1", "HTTP1"))) == {
@@ -108,8 +110,7 @@ class TestNamedSource:
     def test_v1_tunnel_two_mappings_is_an_error(self) -> None:
         result = plan_source([m("SSH1", E22), m("HTTP1", E80)], None)
         assert result.error == (
-            "-s: a V1 tunnel carries one service, and 2 are mapped (HTTP1, SSH1): "
-            "give one mapping"
+            "-s: a V1 tunnel carries one service, and 2 are mapped (HTTP1, SSH1): give one mapping"
         )
 
 
@@ -137,8 +138,7 @@ class TestNamedDestination:
     def test_v1_tunnel(self) -> None:
         assert served(plan_destination([m("SSH1", E22)], None)) == {"": ("SSH1", E22)}
         assert plan_destination([m("SSH1", E22), m("HTTP1", E80)], None).error == (
-            "-d: a V1 tunnel carries one service, and 2 are mapped (HTTP1, SSH1): "
-            "give one mapping"
+            "-d: a V1 tunnel carries one service, and 2 are mapped (HTTP1, SSH1): give one mapping"
         )
         assert plan_destination([], None) == Plan()
 
