@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from fake_service import FakeService
 
+from bench.fake_service import FakeService
 from proxy.config import ProxySettings, load
 from proxy.io.local import LocalConnection
 from proxy.io.tunnel import EXIT_CONFIG, Tunnel
