@@ -25,7 +25,9 @@ SUBPROTOCOL = Subprotocol("aws.iot.securetunneling-3.0")
 class FakeService:
     """One WebSocket at a time; ``connections`` counts the handshakes it accepted."""
 
-    def __init__(self, service_ids: Sequence[str] | None = ()) -> None:
+    def __init__(
+        self, service_ids: Sequence[str] | None = (), *, subprotocol: str = SUBPROTOCOL
+    ) -> None:
         #: Sent right after each handshake; None sends no SERVICE_IDS.
         self.service_ids = None if service_ids is None else tuple(service_ids)
         self.received: asyncio.Queue[Message] = asyncio.Queue()
@@ -33,11 +35,12 @@ class FakeService:
         self.ws: ServerConnection | None = None
         self.connected = asyncio.Event()
         self._server: Server | None = None
+        self._subprotocol = Subprotocol(subprotocol)
         self.port = 0
 
     async def __aenter__(self) -> FakeService:
         self._server = await serve(
-            self._handler, "127.0.0.1", 0, subprotocols=[SUBPROTOCOL], compression=None
+            self._handler, "127.0.0.1", 0, subprotocols=[self._subprotocol], compression=None
         )
         self.port = next(iter(self._server.sockets)).getsockname()[1]
         return self

@@ -191,7 +191,8 @@ class Tunnel:
         if version == 1:
             # A 1.0 service announces no service IDs: use the configured mapping as is.
             self._on_services(None)
-            await self._ensure_listeners()
+            if self._listeners_wanted:  # a source; a destination has nothing to listen on
+                await self._ensure_listeners()
         writer = asyncio.create_task(self._writer(ws), name="proxy.ws_writer")
         try:
             return await self._reader(ws)

@@ -179,6 +179,49 @@ def test_destination_unnamed_mapping_on_a_tunnel_without_services() -> None:
     run(test)
 
 
+V1 = "aws.iot.securetunneling-1.0"
+
+
+def test_source_on_a_v1_tunnel_serves_its_one_mapping_unnamed() -> None:
+    async def test() -> None:
+        async with (
+            FakeService(None, subprotocol=V1) as fake,
+            running(settings(fake.url, "-s", "SSH1=0")) as (_, task, log),
+        ):
+            line = await log.wait_for(r"service \(unnamed\): listening on")
+            reader, writer = await open_source_stream(fake, listen_port(line), "", 0)
+            await fake.send(T.DATA, 1, payload=b"v1")
+            assert await reader.readexactly(2) == b"v1"
+            writer.close()
+            assert not task.done()
+
+    run(test)
+
+
+def test_destination_on_a_v1_tunnel_listens_on_nothing() -> None:
+    """Regression: a destination on a V1 tunnel tried to listen on its own mappings."""
+
+    async def test() -> None:
+        local = LocalServer()
+        port = await local.start()
+        async with (
+            FakeService(None, subprotocol=V1) as fake,
+            running(settings(fake.url, "-d", f"SSH1={port}")) as (tunnel, task, _),
+        ):
+            await fake.connected.wait()
+            await fake.send(T.STREAM_START, 1)
+            await fake.send(T.DATA, 1, payload=b"v1")
+            reader, writer = await local.next()
+            assert await reader.readexactly(2) == b"v1"
+            assert tunnel.mapped_listeners == {}
+            assert tunnel.free_listeners == {}
+            writer.close()
+            assert not task.done()
+        await local.close()
+
+    run(test)
+
+
 # ---------------------------------------------------------------------- listeners
 
 
