@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import uuid
 
 from websockets.asyncio.client import ClientConnection
@@ -378,7 +379,7 @@ class Tunnel:
                 port = server.sockets[0].getsockname()[1]
                 where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         except OSError as exc:
-            reason = exc.strerror or str(exc)
+            reason = os.strerror(exc.errno) if exc.errno else str(exc)
             raise ConfigError(f"{what}: cannot listen on {wanted}: {reason}") from None
         listener = _Listener(server, where)
         holder.append(listener)

@@ -242,6 +242,23 @@ def test_source_caps_a_storm_of_service_ids() -> None:
     run(test)
 
 
+def test_destination_storm_of_service_ids_fails_with_one_short_line() -> None:
+    async def test() -> None:
+        ids = ["SSH1", *(f"X{i}" for i in range(5000))]
+        async with (
+            FakeService(ids) as fake,
+            running(settings(fake.url, "-d", "SSH1=22")) as (_, task, log),
+        ):
+            assert await task == EXIT_CONFIG
+            line = await log.wait_for("no destination mapping")
+            assert "service X0, X1 announced" in line
+            assert len(line) < 200
+            assert len(log.lines) < 10  # a few lines, not one per announced ID
+            assert log.count("X4999") == 0
+
+    run(test)
+
+
 def test_source_busy_port_fails_before_connecting() -> None:
     """A local mistake must not spend a single-use token: no handshake at all."""
 
@@ -256,7 +273,10 @@ def test_source_busy_port_fails_before_connecting() -> None:
             ):
                 assert await task == EXIT_CONFIG
                 line = await log.wait_for("cannot listen")
-                assert line.startswith(f"-s SSH1={port}: cannot listen on 127.0.0.1:{port}")
+                assert (
+                    line
+                    == f"-s SSH1={port}: cannot listen on 127.0.0.1:{port}: Address already in use"
+                )
                 assert fake.connections == 0
 
     run(test)
