@@ -280,11 +280,7 @@ class TunnelSession:
             service_id = ""
         version = self.version if service_id else 1
         stream = self._streams.get(service_id)
-        if (
-            stream is not None
-            and version == 3
-            and stream.next_connection_id <= _MAX_CONNECTION_ID
-        ):
+        if stream is not None and version == 3 and stream.next_connection_id <= _MAX_CONNECTION_ID:
             cid = stream.next_connection_id
             stream.next_connection_id += 1
             stream.connections.add(cid)
