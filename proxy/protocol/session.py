@@ -11,9 +11,10 @@ Rules (PROTOCOL.md, and the reference's V1/V2/V3 protocol guides):
   adds connections with CONNECTION_START; a new STREAM_START for a service replaces its stream;
 * messages naming a stream that is not the service's active one are stale and ignored, as are
   resets and data for connections the session no longer knows;
-* a destination detects the peer's version from each STREAM_START: no service id is V1, no
-  connection id is V2, both is V3; it answers in kind (STREAM_RESET for V1/V2, CONNECTION_RESET
-  for V3 when a local connection ends);
+* a destination detects the peer's version from each STREAM_START: neither a service id nor
+  a connection id is V1, no connection id is V2, a connection id is V3 (with or without a
+  service id); it answers in kind (STREAM_RESET for V1/V2, CONNECTION_RESET for V3 when a local
+  connection ends), with the connection ids of a V3 stream;
 * a source speaks the version it was built with (``-y V1|V2``, default V3).
 """
 
@@ -202,7 +203,10 @@ class TunnelSession:
             self._error(f"STREAM_START with invalid stream id {m.stream_id} dropped")
             return
         service_id = m.service_id
-        version = 1 if not service_id else 2 if m.connection_id == 0 else 3
+        # No connection id: V2, or V1 without a service id either. A connection id without a
+        # service id is the reference's "V1 format" of an unnamed mapping on a tunnel without
+        # services: it numbers its connections and drops DATA that does not name them.
+        version = 3 if m.connection_id else 2 if service_id else 1
         cid = m.connection_id or 1
         if self.service_ids is not None and service_id and service_id not in self.service_ids:
             self._error(f"STREAM_START for unannounced service {service_id!r} refused")

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import signal
 import socket
+import subprocess
 import sys
 import threading
 from collections.abc import Iterator
@@ -21,7 +23,7 @@ import pytest
 
 from bench.clients import echo_roundtrips
 from bench.fake_service import FakeService
-from bench.harness import Stack, Tunnel, free_port
+from bench.harness import ROOT, Stack, Tunnel, free_port
 
 MiB = 1 << 20
 
@@ -94,6 +96,52 @@ def test_unnamed_mappings_on_a_tunnel_without_services(stack: Stack, pki) -> Non
     assert echo_roundtrips(listen, 10) == 10
     assert echo_roundtrips(listen, 5) == 5  # V1: one connection at a time, a new one replaces
     assert "Traceback" not in src.proc.output()
+
+
+@pytest.fixture(scope="module")
+def reference() -> str:
+    """The reference C++ localproxy, as a peer (``$LOCALPROXY`` or the shared checkout)."""
+    path = os.environ.get("LOCALPROXY") or str(
+        ROOT.parent / "shared" / "peers" / "localproxy" / "localproxy-x86_64"
+    )
+    if shutil.which(path) is None:
+        pytest.skip(f"the reference localproxy is not available at {path}")
+    try:
+        subprocess.run([path, "--help"], capture_output=True, timeout=30, check=False)
+    except OSError as exc:
+        pytest.skip(f"the reference localproxy does not run here: {exc}")
+    return path
+
+
+@pytest.mark.parametrize("ours", ["source", "destination"])
+def test_unnamed_mappings_on_a_tunnel_without_services_with_the_reference(
+    stack: Stack, pki, reference: str, ours: str
+) -> None:
+    """Regression (ours = destination): the reference numbers the connections of an unnamed
+    stream and dropped our replies, which carried none."""
+    tunnel = Tunnel(f"no-services-{ours}", ())
+    _, port = stack.service([tunnel], cert=pki.server.cert, key=pki.server.key)
+    _, echo_port = stack.echo_server()
+    listen = free_port()
+    # -k: the reference wants a hashed CA directory for -c; the link is on loopback.
+    ref_argv = [reference, "-e", f"127.0.0.1:{port}", "-k", "-v", "4"]
+    if ours == "source":
+        ref = stack.start(
+            "reference-destination",
+            [*ref_argv, "-d", str(echo_port)],
+            env={"AWSIOT_TUNNEL_ACCESS_TOKEN": tunnel.destination_token},
+        )
+        ref.wait_for("Successfully established websocket connection", 30)
+        stack.source(tunnel.source_token, port, str(listen), ["(unnamed)"], ca=pki.ca.cert)
+    else:
+        stack.destination(tunnel.destination_token, port, str(echo_port), ca=pki.ca.cert)
+        ref = stack.start(
+            "reference-source",
+            [*ref_argv, "-s", str(listen)],
+            env={"AWSIOT_TUNNEL_ACCESS_TOKEN": tunnel.source_token},
+        )
+        ref.wait_for(f"Listening for new connection on port {listen}", 30)
+    assert echo_roundtrips(listen, 10) == 10
 
 
 def test_busy_port_fails_before_the_token_is_spent(stack: Stack, pki) -> None:

@@ -350,6 +350,23 @@ class TestVersionDetection:
         )
         assert dst.connection_count == 0
 
+    def test_unnamed_peer_with_connection_ids(self, dst: TunnelSession) -> None:
+        """The reference's unnamed mapping on a tunnel without services: no service id, but
+        connection ids, which it expects back (it drops DATA with connection id 0)."""
+        conn = ref("", 1, 1)
+        assert (
+            Playbook(dst)
+            >> stream_start(1, service="", conn=1)
+            << OpenLocal(conn)
+            >> data(1, b"in", service="", conn=1)
+            << WriteLocal(conn, b"in")
+            >> Write(conn, b"out")
+            << data(1, b"out", service="", conn=1)
+            >> Closed(conn)
+            << connection_reset(1, service="", conn=1)
+        )
+        assert dst.connection_count == 0
+
     def test_v2_peer_no_connection_id(self, dst: TunnelSession) -> None:
         conn = ref("SSH1", 2, 1)
         assert (
