@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import socket
 import uuid
 
 from websockets.asyncio.client import ClientConnection
@@ -60,6 +61,13 @@ class _Exit(Exception):
     def __init__(self, code: int) -> None:
         super().__init__(code)
         self.code = code
+
+
+def _reason(exc: OSError) -> str:
+    """The OS's reason alone (asyncio's bind errors repeat the address in their text)."""
+    if isinstance(exc, socket.gaierror) or not exc.errno:
+        return exc.strerror or str(exc)
+    return os.strerror(exc.errno)
 
 
 class _Listener:
@@ -379,8 +387,7 @@ class Tunnel:
                 port = server.sockets[0].getsockname()[1]
                 where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         except OSError as exc:
-            reason = os.strerror(exc.errno) if exc.errno else str(exc)
-            raise ConfigError(f"{what}: cannot listen on {wanted}: {reason}") from None
+            raise ConfigError(f"{what}: cannot listen on {wanted}: {_reason(exc)}") from None
         listener = _Listener(server, where)
         holder.append(listener)
         return listener

@@ -282,6 +282,22 @@ def test_source_busy_port_fails_before_connecting() -> None:
     run(test)
 
 
+def test_source_bind_address_not_on_this_machine_fails_before_connecting() -> None:
+    async def test() -> None:
+        async with (
+            FakeService(("SSH1",)) as fake,
+            running(settings(fake.url, "-s", "SSH1=0", "-b", "192.0.2.1")) as (_, task, log),
+        ):
+            assert await task == EXIT_CONFIG
+            line = await log.wait_for("cannot listen")
+            assert (
+                line == "-s SSH1=0: cannot listen on 192.0.2.1:0: Cannot assign requested address"
+            )
+            assert fake.connections == 0
+
+    run(test)
+
+
 def test_source_listener_of_an_unannounced_mapping_refuses_connections() -> None:
     async def test() -> None:
         async with FakeService(("HTTP1",)) as fake:
