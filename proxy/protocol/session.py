@@ -214,7 +214,7 @@ class TunnelSession:
             return
         old = self._streams.pop(service_id, None)
         if old is not None:
-            self._close_stream(service_id, old)
+            self._close_stream(service_id, old, reset=True)
         self._streams[service_id] = _Stream(m.stream_id, version, {cid})
         self._actions.append(OpenLocal(ConnectionRef(service_id, m.stream_id, cid)))
 
@@ -292,7 +292,7 @@ class TunnelSession:
             return ConnectionRef(service_id, stream.stream_id, cid)
         if stream is not None:
             del self._streams[service_id]
-            self._close_stream(service_id, stream)
+            self._close_stream(service_id, stream, reset=True)
         stream_id = self._next_stream_id
         self._next_stream_id = stream_id + 1 if stream_id < _MAX_STREAM_ID else 1
         self._streams[service_id] = _Stream(stream_id, version, {1})
