@@ -124,7 +124,8 @@ def _plan(
     unmapped = [sid for sid in announced if sid not in mapped]
     room = max(0, MAX_SERVICES - len(kept))
     taken, ignored = unmapped[:room], len(unmapped) - min(room, len(unmapped))
-    unused = tuple(sid for sid in mapped if sid not in set(announced))
+    present = frozenset(announced)
+    unused = tuple(sid for sid in mapped if sid not in present)
     if taken and not free_ports:
         return Plan(
             unused=unused,
