@@ -286,8 +286,8 @@ class ProxySettings:
         client_token: The client token sent on every (re)connect, if any.
         mappings: Service ID -> local endpoint. Empty only in source mode (the runner then picks
             free ports for the services the tunnel announces).
-        bind_address: ``-b``: the listen address (source) or the local address to connect from
-            (destination); ``None`` = the default (localhost).
+        bind_address: ``-b``: the listen address (source; ``None`` = localhost) or the local
+            address to connect from (destination; ``None`` = any).
         ca_path: ``-c``: a CA bundle file or a directory of CA certificates, as an absolute path.
         verify_host: False with ``-k``: the service's certificate name is not checked.
         verbosity: 0 off, 1 fatal, 2 error, 3 warning, 4 info (default), 5 debug, 6 trace.
@@ -1286,7 +1286,9 @@ def _settings(sources: _Sources, cwd: Path, *, token_from_argv: bool) -> ProxySe
 
     bind = sources.get("local-bind-address")
     if bind is None:
-        bind_address = file_settings.default_bind_address
+        # The settings file's default is a listen address: a destination binds its outgoing
+        # connections only to an explicit -b (as the reference does).
+        bind_address = file_settings.default_bind_address if mode is Mode.SOURCE else None
     else:
         try:
             bind_address = _bind_address(bind.value.strip())
