@@ -171,6 +171,17 @@ class ServiceMapping:
     endpoint: Endpoint
 
 
+def _brief(value: object) -> str:
+    """``repr(value)``, cut short: a message quotes at most this much of a file's content."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _key(key: str) -> str:
+    """A settings key as a message shows it: as is when short and printable, else quoted."""
+    return key if key.isprintable() and 0 < len(key) <= 100 else _brief(key)
+
+
 class _Range(NamedTuple):
     """The accepted values of one :class:`Tuning` field."""
 
@@ -198,7 +209,7 @@ class _Range(NamedTuple):
         assert isinstance(value, int | float)
         too_low = value <= self.low if self.low_open else value < self.low
         if not math.isfinite(value) or too_low or value > self.high:
-            return f"must be {wanted} {bounds}, not {value!r}"
+            return f"must be {wanted} {bounds}, not {_brief(value)}"
         return None
 
 
@@ -693,7 +704,7 @@ def _flatten(
         if isinstance(value, dict):
             _flatten(value, dotted + ".", out, display)
         elif dotted in out:
-            raise ConfigError(f"{display}: {dotted}: set twice")
+            raise ConfigError(f"{display}: {_key(dotted)}: set twice")
         else:
             out[dotted] = value
 
@@ -704,12 +715,12 @@ def _reference_int(value: object) -> int:
         return int(value)
     if isinstance(value, int) and not isinstance(value, bool):
         return value
-    raise _Invalid(f"expected an integer, not {value!r}")
+    raise _Invalid(f"expected an integer, not {_brief(value)}")
 
 
 def _settings_string(value: object) -> str:
     if not isinstance(value, str) or not value.strip():
-        raise _Invalid(f"expected a non-empty string, not {value!r}")
+        raise _Invalid(f"expected a non-empty string, not {_brief(value)}")
     return value.strip()
 
 
@@ -751,7 +762,7 @@ def _settings_entry(
         tuning[name] = number, key
     elif key in _REFERENCE_IGNORED:
         if not isinstance(value, str | int | bool):
-            raise _Invalid(f"expected a string, number or boolean, not {value!r}")
+            raise _Invalid(f"expected a string, number or boolean, not {_brief(value)}")
     elif key == _KEY_SUBPROTOCOL:
         if value != _SUBPROTOCOL:
             raise _Invalid(f"only {_SUBPROTOCOL!r} is supported; use -y V1|V2 for older peers")
@@ -774,7 +785,7 @@ def _read_settings_json(path: Path, display: str) -> _FileSettings:
         result: dict[str, object] = {}
         for key, value in pairs:
             if key in result:
-                raise ConfigError(f"{display}: key {key!r} appears twice in one object")
+                raise ConfigError(f"{display}: key {_brief(key)} appears twice in one object")
             result[key] = value
         return result
 
@@ -798,7 +809,7 @@ def _read_settings_json(path: Path, display: str) -> _FileSettings:
         try:
             _settings_entry(key, value, tuning, extra)
         except _Invalid as exc:
-            raise ConfigError(f"{display}: {key}: {exc}") from None
+            raise ConfigError(f"{display}: {_key(key)}: {exc}") from None
     values: dict[str, Any] = {name: value for name, (value, _) in tuning.items()}
     try:
         knobs = Tuning(**values)

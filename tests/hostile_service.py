@@ -84,9 +84,19 @@ class _LoopThread:
         return future.result(timeout)
 
     def stop(self) -> None:
+        self.call(self._cancel_tasks())
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(10)
         self.loop.close()
+
+
+    @staticmethod
+    async def _cancel_tasks() -> None:
+        """End the handlers still running, so that none is destroyed pending."""
+        tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 class _Counter:

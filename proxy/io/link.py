@@ -109,7 +109,11 @@ def _refusal_hint(status: int, reason: str) -> str:
             "(source or destination) or the other -m"
         )
     if "client token" in lowered or "client-token" in lowered:
-        return "the client token does not match the one bound to this access token (-i)"
+        return (
+            "the access token is bound to another client token (another proxy uses it, or it "
+            "was first used with another -i): rotate the access token "
+            "(aws iotsecuretunneling rotate-tunnel-access-token)"
+        )
     if status == 410 or "closed" in lowered or "expired" in lowered:
         return "the tunnel is closed or has expired: open a new tunnel"
     if status in (401, 403) or "token" in lowered:
