@@ -64,7 +64,7 @@ def load_ca(ctx: ssl.SSLContext, path: str) -> None:
     if os.path.isdir(path):
         try:
             with os.scandir(path) as entries:
-                names = sorted(entry.name for entry in entries)
+                names = sorted(entry.name for entry in entries if _regular(entry))
         except OSError as exc:
             raise CAError(f"cannot read the directory: {exc.strerror or exc}") from None
         if any(_HASHED.fullmatch(name) for name in names):
@@ -79,7 +79,17 @@ def load_ca(ctx: ssl.SSLContext, path: str) -> None:
         for name in files:
             _load_file(ctx, os.path.join(path, name), name)
         return
+    if os.path.exists(path) and not os.path.isfile(path):
+        raise CAError("not a regular file or directory")  # a FIFO or device could block
     _load_file(ctx, path, None)
+
+
+def _regular(entry: os.DirEntry[str]) -> bool:
+    """A regular file, or a link to one (the hash links of ``openssl rehash``)."""
+    try:
+        return entry.is_file()
+    except OSError:
+        return False
 
 
 def _load_file(ctx: ssl.SSLContext, path: str, name: str | None) -> None:

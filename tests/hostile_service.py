@@ -89,7 +89,6 @@ class _LoopThread:
         self.thread.join(10)
         self.loop.close()
 
-
     @staticmethod
     async def _cancel_tasks() -> None:
         """End the handlers still running, so that none is destroyed pending."""
@@ -185,6 +184,7 @@ class HostileService:
         )
 
     async def _start(self) -> int:
+        server: Server | asyncio.Server
         if self.behaviour is Behaviour.NOT_HTTP:
             server = await asyncio.start_server(
                 self._not_http, "127.0.0.1", 0, ssl=self.ssl_context

@@ -199,6 +199,7 @@ def test_capath_hashed_directory_is_looked_up(
         (lambda d: _write(d / "empty.pem", ""), "not a PEM CA certificate"),
         (lambda d: _mkdir(d / "empty-dir"), "no CA certificates in the directory"),
         (lambda d: _write(d / "dir" / "bad.pem", "x"), "bad.pem: not a PEM CA certificate"),
+        (lambda d: Path("/dev/zero"), "not a regular file or directory"),
     ],
 )
 def test_unloadable_capath(tmp_path: Path, make: Any, problem: str) -> None:
