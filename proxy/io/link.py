@@ -130,8 +130,10 @@ def _refused(exc: InvalidStatus, secrets: tuple[str, ...]) -> HandshakeRefused:
     response = exc.response
     status = response.status_code
     if 300 <= status < 400:
-        location = response.headers.get("Location", "")
-        host = urlsplit(location).hostname if location else None
+        try:
+            host = urlsplit(response.headers.get("Location", "")).hostname
+        except ValueError:  # not a URL
+            host = None
         where = f" to {_clean(host, secrets)}" if host else ""
         return HandshakeRefused(
             status,

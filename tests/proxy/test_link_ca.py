@@ -16,9 +16,12 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+from websockets.datastructures import Headers
+from websockets.exceptions import InvalidStatus
+from websockets.http11 import Response
 
 from bench.pki import PKI
-from proxy.errors import ConnectFailed
+from proxy.errors import ConnectFailed, HandshakeRefused
 from proxy.io.link import map_exceptions, ssl_context
 from proxy.tls import CAError
 
@@ -313,3 +316,24 @@ def _write_pair(
         )
     )
     return cert_path, key_path
+
+
+def _answer(status: int, headers: list[tuple[str, str]], body: bytes = b"") -> InvalidStatus:
+    return InvalidStatus(Response(status, "Reason", Headers(headers), body))
+
+
+@pytest.mark.parametrize(
+    ("answer", "kind", "text"),
+    [
+        (_answer(302, [("Location", "http://[::1")]), HandshakeRefused, "a redirect (HTTP 302)"),
+        (_answer(301, []), HandshakeRefused, "a redirect (HTTP 301); not following it"),
+        (_answer(429, []), ConnectFailed, "the tunnel service answered HTTP 429 Reason"),
+        (_answer(503, []), ConnectFailed, "the tunnel service answered HTTP 503 Reason"),
+        (_answer(403, [], b"\xff\xfe"), HandshakeRefused, "HTTP 403 (Reason): the access token"),
+    ],
+)
+def test_odd_answers_map_to_one_line(answer: InvalidStatus, kind: type, text: str) -> None:
+    with pytest.raises(kind) as info, map_exceptions(("tok3n",)):
+        raise answer
+    assert text in str(info.value)
+    assert "\n" not in str(info.value)
