@@ -24,7 +24,7 @@ from proxy.io.sockets import tune_transport
 from proxy.protocol.framing import MAX_WS_MESSAGE
 from proxy.tls import CAError, ssl_context
 
-__all__ = ["LinkOptions", "map_exceptions", "open_link", "prepare", "ssl_context"]
+__all__ = ["LinkOptions", "close_cause", "map_exceptions", "open_link", "prepare", "ssl_context"]
 
 log = logging.getLogger("proxy.link")
 
@@ -145,6 +145,22 @@ def _refused(exc: InvalidStatus, secrets: tuple[str, ...]) -> HandshakeRefused:
     head = f"the tunnel service refused the connection: HTTP {status}"
     text = f"{head} ({reason})" if reason else head
     return HandshakeRefused(status, f"{text}: {_refusal_hint(status, reason)}")
+
+
+def close_cause(ws: ClientConnection, secrets: tuple[str, ...] = ()) -> str:
+    """How a WebSocket ended, for a log line: who closed it with which code, or ``""``."""
+    protocol = ws.protocol
+    received, sent = protocol.close_rcvd, protocol.close_sent
+    if sent is not None and (received is None or not protocol.close_rcvd_then_sent):
+        frame, by = sent, "closed by this proxy"
+    elif received is not None:
+        frame, by = received, "closed by the service"
+    elif ws.close_code is None:
+        return ""
+    else:
+        return " (dropped without a close frame)"
+    reason = _clean(frame.reason, secrets)
+    return f" ({by}: {frame.code}{' ' + reason if reason else ''})"
 
 
 #: OpenSSL's verification results that mean the certificate's dates and the clock disagree.

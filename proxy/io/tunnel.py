@@ -21,7 +21,7 @@ from websockets.exceptions import ConnectionClosed
 
 from proxy.config import Endpoint, Mode, ProxySettings
 from proxy.errors import ConfigError, TransportError
-from proxy.io.link import LinkOptions, open_link, prepare
+from proxy.io.link import LinkOptions, close_cause, open_link, prepare
 from proxy.io.local import LocalConnection, connect_local
 from proxy.io.scheduler import FairScheduler
 from proxy.logs import TRACE
@@ -106,6 +106,7 @@ class Tunnel:
         t = self.tuning
         self.link = prepare(self.link)  # the TLS context, once; a ConfigError ends the run
         clock = asyncio.get_running_loop().time
+        secrets = (self.link.access_token, self.link.client_token or "")
         delays = backoff(t.reconnect_base, t.reconnect_max)
         failures = 0
         while True:
@@ -139,16 +140,18 @@ class Tunnel:
                 failures += 1
                 if 0 <= t.reconnect_attempts < failures:
                     log.error(
-                        "the tunnel service dropped the connection %.1f s after accepting it; "
+                        "the tunnel service dropped the connection %.1f s after accepting it%s; "
                         "giving up after %d attempts",
                         lasted,
+                        close_cause(ws, secrets),
                         failures,
                     )
                     return EXIT_NETWORK
             delay = next(delays)
             log.warning(
-                "lost the connection to the tunnel service after %.1f s; reconnecting in %.1f s",
+                "lost the connection to the tunnel service after %.1f s%s; reconnecting in %.1f s",
                 lasted,
+                close_cause(ws, secrets),
                 delay,
             )
             await asyncio.sleep(delay)
