@@ -29,15 +29,17 @@ import json
 import math
 import os
 import re
+import ssl
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, NamedTuple, NoReturn
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-from proxy import __version__
+from proxy import __version__, boundedjson
 from proxy.errors import ConfigError
 from proxy.protocol.messages import MAX_PAYLOAD, SERVICE_ID_RE
+from proxy.tls import CAError, load_ca
 
 __all__ = [
     "DEFAULT_CONFIG_DIR",
@@ -170,6 +172,17 @@ class ServiceMapping:
     endpoint: Endpoint
 
 
+def _brief(value: object) -> str:
+    """``repr(value)``, cut short: a message quotes at most this much of a file's content."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _key(key: str) -> str:
+    """A settings key as a message shows it: as is when short and printable, else quoted."""
+    return key if key.isprintable() and 0 < len(key) <= 100 else _brief(key)
+
+
 class _Range(NamedTuple):
     """The accepted values of one :class:`Tuning` field."""
 
@@ -197,7 +210,7 @@ class _Range(NamedTuple):
         assert isinstance(value, int | float)
         too_low = value <= self.low if self.low_open else value < self.low
         if not math.isfinite(value) or too_low or value > self.high:
-            return f"must be {wanted} {bounds}, not {value!r}"
+            return f"must be {wanted} {bounds}, not {_brief(value)}"
         return None
 
 
@@ -207,6 +220,7 @@ _TUNING_RANGES: dict[str, _Range] = {
     "reconnect_base": _Range(float, 0, low_open=True),
     "reconnect_max": _Range(float, 0, low_open=True),
     "reconnect_attempts": _Range(int, -1),
+    "reconnect_reset_after": _Range(float, 0),
     "read_chunk": _Range(int, 1, MAX_PAYLOAD),
     "local_write_buffer": _Range(int, 1),
     "max_connections": _Range(int, 1),
@@ -246,6 +260,10 @@ class Tuning:
         reconnect_base: First delay (seconds) of the jittered exponential reconnect backoff.
         reconnect_max: Cap (seconds) on one backoff delay; at least ``reconnect_base``.
         reconnect_attempts: Consecutive failed reconnects before giving up; -1 = never give up.
+            A connection that the service drops within ``reconnect_reset_after`` counts as a
+            failed attempt.
+        reconnect_reset_after: Seconds a connection must stay up before the reconnect backoff
+            starts over from ``reconnect_base``; every drop waits the backoff's next delay.
         read_chunk: Bytes read from a local socket per DATA message (1..64512).
         local_write_buffer: Bytes buffered for one local connection before the tunnel stops
             reading from the service (the high-water mark of that connection).
@@ -258,6 +276,7 @@ class Tuning:
     reconnect_base: float = 1.0
     reconnect_max: float = 60.0
     reconnect_attempts: int = -1
+    reconnect_reset_after: float = 10.0
     read_chunk: int = MAX_PAYLOAD
     local_write_buffer: int = 262144
     max_connections: int = 4096
@@ -288,8 +307,10 @@ class ProxySettings:
             free ports for the services the tunnel announces).
         bind_address: ``-b``: the listen address (source; ``None`` = localhost) or the local
             address to connect from (destination; ``None`` = any).
-        ca_path: ``-c``: a CA bundle file or a directory of CA certificates, as an absolute path.
-        verify_host: False with ``-k``: the service's certificate name is not checked.
+        ca_path: ``-c``: a CA bundle file or a directory of CA certificates, as an absolute
+            path, checked loadable; added to the system's CAs.
+        verify_host: False with ``-k``: the service's certificate is not verified at all
+            (neither its chain nor its host name), as the reference proxy's ``-k``.
         verbosity: 0 off, 1 fatal, 2 error, 3 warning, 4 info (default), 5 debug, 6 trace.
         peer_version: The protocol version assumed for the peer: 3, or 1/2 from ``-y`` (source).
         tuning: Fine-grained knobs.
@@ -688,7 +709,7 @@ def _flatten(
         if isinstance(value, dict):
             _flatten(value, dotted + ".", out, display)
         elif dotted in out:
-            raise ConfigError(f"{display}: {dotted}: set twice")
+            raise ConfigError(f"{display}: {_key(dotted)}: set twice")
         else:
             out[dotted] = value
 
@@ -699,12 +720,12 @@ def _reference_int(value: object) -> int:
         return int(value)
     if isinstance(value, int) and not isinstance(value, bool):
         return value
-    raise _Invalid(f"expected an integer, not {value!r}")
+    raise _Invalid(f"expected an integer, not {_brief(value)}")
 
 
 def _settings_string(value: object) -> str:
     if not isinstance(value, str) or not value.strip():
-        raise _Invalid(f"expected a non-empty string, not {value!r}")
+        raise _Invalid(f"expected a non-empty string, not {_brief(value)}")
     return value.strip()
 
 
@@ -746,7 +767,7 @@ def _settings_entry(
         tuning[name] = number, key
     elif key in _REFERENCE_IGNORED:
         if not isinstance(value, str | int | bool):
-            raise _Invalid(f"expected a string, number or boolean, not {value!r}")
+            raise _Invalid(f"expected a string, number or boolean, not {_brief(value)}")
     elif key == _KEY_SUBPROTOCOL:
         if value != _SUBPROTOCOL:
             raise _Invalid(f"only {_SUBPROTOCOL!r} is supported; use -y V1|V2 for older peers")
@@ -769,7 +790,7 @@ def _read_settings_json(path: Path, display: str) -> _FileSettings:
         result: dict[str, object] = {}
         for key, value in pairs:
             if key in result:
-                raise ConfigError(f"{display}: key {key!r} appears twice in one object")
+                raise ConfigError(f"{display}: key {_brief(key)} appears twice in one object")
             result[key] = value
         return result
 
@@ -778,9 +799,11 @@ def _read_settings_json(path: Path, display: str) -> _FileSettings:
 
     text = read_config_text(path, display)
     try:
-        document = json.loads(text, object_pairs_hook=no_duplicates, parse_constant=no_constant)
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"{display}:{exc.lineno}: not valid JSON: {exc.msg}") from None
+        document = boundedjson.loads(
+            text, object_pairs_hook=no_duplicates, parse_constant=no_constant
+        )
+    except boundedjson.JSONInputError as exc:
+        raise ConfigError(f"{display}: {exc}") from None
     if not isinstance(document, dict):
         raise ConfigError(f"{display}: expected a JSON object at the top level")
     flat: dict[str, object] = {}
@@ -791,7 +814,7 @@ def _read_settings_json(path: Path, display: str) -> _FileSettings:
         try:
             _settings_entry(key, value, tuning, extra)
         except _Invalid as exc:
-            raise ConfigError(f"{display}: {key}: {exc}") from None
+            raise ConfigError(f"{display}: {_key(key)}: {exc}") from None
     values: dict[str, Any] = {name: value for name, (value, _) in tuning.items()}
     try:
         knobs = Tuning(**values)
@@ -863,13 +886,20 @@ _OPTIONS = (
         "ADDRESS",
         "address to listen on (source) or connect from (destination)",
     ),
-    _Option("capath", "c", "PATH", "CA file or directory of CA certificates for the service"),
-    _Option("no-ssl-host-verify", "k", None, "do not check the service certificate's host name"),
+    _Option(
+        "capath", "c", "PATH", "CA file or directory to trust for the service, besides the system's"
+    ),
+    _Option(
+        "no-ssl-host-verify",
+        "k",
+        None,
+        "do not verify the service's certificate at all (development and testing only)",
+    ),
     _Option(
         "verbose",
         "v",
         "LEVEL",
-        "0 off, 1 fatal, 2 error, 3 warning, 4 info (default), 5 debug, 6 trace",
+        "0 off, 1 fatal, 2 error, 3 warning, 4 info (default), 5 debug, 6..255 trace",
     ),
     _Option(
         "destination-client-type",
@@ -1055,7 +1085,7 @@ def _mode(given: _Given) -> Mode:
 def _verbosity(given: _Given) -> int:
     text = given.value.strip()
     if not _LEVEL_RE.fullmatch(text) or int(text) > 255:
-        _fail(given, "expected a level 0..6")
+        _fail(given, "expected a level 0..255 (0 off ... 4 info, 5 debug, 6 or more trace)")
     return min(int(text), _MAX_VERBOSITY)
 
 
@@ -1163,6 +1193,16 @@ def _existing_path(given: _Given, cwd: Path) -> Path:
     path = cwd / given.value.strip()
     if not given.value.strip() or not path.exists():
         _fail(given, "no such file or directory")
+    return path
+
+
+def _ca_path(given: _Given, cwd: Path) -> str:
+    """``-c``: an absolute path whose CA certificates load (checked before any connect)."""
+    path = str(_existing_path(given, cwd).absolute())
+    try:
+        load_ca(ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT), path)
+    except CAError as exc:
+        _fail(given, str(exc))
     return path
 
 
@@ -1305,7 +1345,7 @@ def _settings(sources: _Sources, cwd: Path, *, token_from_argv: bool) -> ProxySe
         client_token=None if client is None else _client_token(client),
         mappings=mappings,
         bind_address=bind_address,
-        ca_path=None if capath is None else str(_existing_path(capath, cwd).absolute()),
+        ca_path=None if capath is None else _ca_path(capath, cwd),
         verify_host=no_verify is None or not _switch(no_verify),
         verbosity=_DEFAULT_VERBOSITY if verbose is None else _verbosity(verbose),
         peer_version=peer_version,

@@ -23,7 +23,7 @@ from websockets.exceptions import ConnectionClosed
 
 from proxy.config import Endpoint, Mode, ProxySettings
 from proxy.errors import ConfigError, TransportError
-from proxy.io.link import LinkOptions, open_link
+from proxy.io.link import LinkOptions, close_cause, open_link, prepare
 from proxy.io.local import LocalConnection, connect_local
 from proxy.io.scheduler import FairScheduler
 from proxy.logs import TRACE
@@ -130,7 +130,17 @@ class Tunnel:
             await self._shutdown()
 
     async def _run(self) -> int:
+        """Connect, serve, and reconnect after a delay from one backoff for every failure.
+
+        A failed handshake and a connection the service drops alike wait the next delay of the
+        backoff, which starts over only once a connection stayed up ``reconnect_reset_after``
+        seconds: a service that accepts and drops every connection at once sees a few
+        reconnects, not a storm. Such a short-lived connection counts as a failed attempt.
+        """
         t = self.tuning
+        self.link = prepare(self.link)  # the TLS context, once; a ConfigError ends the run
+        clock = asyncio.get_running_loop().time
+        secrets = (self.link.access_token, self.link.client_token or "")
         delays = backoff(t.reconnect_base, t.reconnect_max)
         failures = 0
         while True:
@@ -148,8 +158,7 @@ class Tunnel:
                 log.warning("%s; retrying in %.1f s", exc, delay)
                 await asyncio.sleep(delay)
                 continue
-            failures = 0
-            delays = backoff(t.reconnect_base, t.reconnect_max)
+            connected = clock()
             try:
                 closed = await self._serve(ws, version)
             finally:
@@ -157,7 +166,29 @@ class Tunnel:
                 self._drop_session()
             if closed:
                 return EXIT_CLOSED
-            log.warning("lost the connection to the tunnel service; reconnecting")
+            lasted = clock() - connected
+            if lasted >= t.reconnect_reset_after:
+                failures = 0
+                delays = backoff(t.reconnect_base, t.reconnect_max)
+            else:
+                failures += 1
+                if 0 <= t.reconnect_attempts < failures:
+                    log.error(
+                        "the tunnel service dropped the connection %.1f s after accepting it%s; "
+                        "giving up after %d attempts",
+                        lasted,
+                        close_cause(ws, secrets),
+                        failures,
+                    )
+                    return EXIT_NETWORK
+            delay = next(delays)
+            log.warning(
+                "lost the connection to the tunnel service after %.1f s%s; reconnecting in %.1f s",
+                lasted,
+                close_cause(ws, secrets),
+                delay,
+            )
+            await asyncio.sleep(delay)
 
     async def _shutdown(self) -> None:
         for task in list(self._tasks):

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from bench.pki import PKI
 from proxy import __version__
 from proxy.config import (
     CliExit,
@@ -345,8 +346,8 @@ def test_minimal_destination(tmp_path: Path) -> None:
     )
 
 
-def test_long_flags(tmp_path: Path) -> None:
-    ca = write(tmp_path / "ca.pem", "x")
+def test_long_flags(tmp_path: Path, pki: PKI) -> None:
+    ca = write(tmp_path / "ca.pem", pki.ca.cert.read_text())
     settings = ok(
         [
             "--region=us-west-2",
@@ -437,7 +438,9 @@ def test_verbosity(tmp_path: Path, value: str, level: int) -> None:
 @pytest.mark.parametrize("value", ["256", "-1", "info", "", "4.5"])
 def test_bad_verbosity(tmp_path: Path, value: str) -> None:
     message = err(["-r", "us-east-1", "-d", "22", "-v", value], tmp_path)
-    assert message == f"-v: {value!r}: expected a level 0..6"
+    assert message == (
+        f"-v: {value!r}: expected a level 0..255 (0 off ... 4 info, 5 debug, 6 or more trace)"
+    )
 
 
 @pytest.mark.parametrize(("value", "version"), [("V1", 1), ("v2", 2), ("V3", 3)])
@@ -469,14 +472,38 @@ def test_bad_bind_address(tmp_path: Path, address: str) -> None:
     assert err(["-r", "us-east-1", "-s", "5555", "-b", address], tmp_path).startswith("-b: ")
 
 
-def test_capath_directory_and_missing(tmp_path: Path) -> None:
-    (tmp_path / "certs").mkdir()
+def test_capath_directory_and_missing(tmp_path: Path, pki: PKI) -> None:
+    write(tmp_path / "certs" / "ca.pem", pki.ca.cert.read_text())
     settings = ok(["-r", "us-east-1", "-d", "22", "-c", "certs"], tmp_path)
     assert settings.ca_path == str(tmp_path / "certs")
     absolute = ok(["-r", "us-east-1", "-d", "22", "-c", str(tmp_path / "certs")], tmp_path)
     assert absolute.ca_path == str(tmp_path / "certs")
     message = err(["-r", "us-east-1", "-d", "22", "-c", "nope"], tmp_path)
     assert message == "-c: 'nope': no such file or directory"
+
+
+@pytest.mark.parametrize(
+    ("files", "given", "problem"),
+    [
+        ({"ca.pem": "x"}, "ca.pem", "not a PEM CA certificate"),
+        ({"ca.pem": ""}, "ca.pem", "not a PEM CA certificate"),
+        ({"certs/README": "x"}, "certs", "no CA certificates in the directory (*.pem, *.crt or"),
+        ({"certs/a.pem": "x"}, "certs", "a.pem: not a PEM CA certificate"),
+    ],
+)
+def test_capath_that_cannot_be_loaded(
+    tmp_path: Path, files: dict[str, str], given: str, problem: str
+) -> None:
+    """Checked when the configuration is read, before anything connects (exit 2, not a retry)."""
+    for name, text in files.items():
+        write(tmp_path / name, text)
+    assert err(["-r", "us-east-1", "-d", "22", "-c", given], tmp_path).startswith(
+        f"-c: {given!r}: {problem}"
+    )
+    write(tmp_path / "proxy.conf", f"capath = {given}\n")
+    assert err(["-r", "us-east-1", "-d", "22", "--config", "proxy.conf"], tmp_path).startswith(
+        f"proxy.conf:1: capath: {given!r}: {problem}"
+    )
 
 
 def test_client_token_flag_and_errors(tmp_path: Path) -> None:
@@ -643,8 +670,8 @@ def test_environment_is_only_read_from_the_argument(
 # --------------------------------------------------------------------------- --config file
 
 
-def test_config_file(tmp_path: Path) -> None:
-    write(tmp_path / "certs" / "ca.pem", "x")
+def test_config_file(tmp_path: Path, pki: PKI) -> None:
+    write(tmp_path / "certs" / "ca.pem", pki.ca.cert.read_text())
     write(
         tmp_path / "proxy.conf",
         "# options, as the reference reads them\n"
@@ -700,7 +727,7 @@ def test_config_file_switch_false_and_paths(tmp_path: Path) -> None:
         ("region = a\nregion = b\n", "proxy.conf:2: 'region' is set twice"),
         (f"access-token = {TOKEN}\naccess-token = x\n", "proxy.conf:2: 'access-token' is set"),
         ("[options]\nregion = us-east-1\n", "proxy.conf:1: section headers are not allowed"),
-        ("verbose = loud\n", "proxy.conf:1: verbose: 'loud': expected a level 0..6"),
+        ("verbose = loud\n", "proxy.conf:1: verbose: 'loud': expected a level 0..255"),
         ("no-ssl-host-verify = maybe\n", "proxy.conf:1: no-ssl-host-verify: 'maybe': expected"),
         ("client-token = nope\n", "proxy.conf:1: client-token: a client token is"),
     ],
@@ -1157,7 +1184,10 @@ def test_settings_json_endpoint_overrides(tmp_path: Path) -> None:
             "s.json: reconnect_max (60) is below reconnect_base (90)",
         ),
         ("[1, 2]", "s.json: expected a JSON object at the top level"),
-        ('{\n"iotunnel.read_chunk": 1,\n}', "s.json:3: not valid JSON: "),
+        ('{\n"iotunnel.read_chunk": 1,\n}', "s.json: not valid JSON: "),
+        ('{\n"iotunnel.read_chunk": 1,\n}', "(line 3, column 1)"),
+        ("[" * 100_000, "s.json: nested more than 32 levels deep"),
+        ('{"iotunnel.read_chunk": "' + "x" * 2_000_000 + '"}', "s.json: too large: "),
     ],
 )
 def test_settings_json_errors(tmp_path: Path, text: str, message: str) -> None:
