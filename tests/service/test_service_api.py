@@ -539,3 +539,112 @@ def test_an_internal_failure_is_a_500_and_logged(caplog: pytest.LogCaptureFixtur
     assert response.status == 500
     assert json.loads(response.body) == {"__type": "InternalFailure", "message": "internal error"}
     assert "disk on fire" in caplog.text  # in the log, not in the answer
+
+
+def _signed_headers_for(
+    api: ThreadedApi, body: bytes, headers: dict[str, str], *, secret: str = TEST_SECRET
+) -> dict[str, str]:
+    """``headers`` plus the Authorization and X-Amz-Date botocore adds, signing over exactly
+    the headers given (and host)."""
+    from botocore.auth import SigV4Auth
+    from botocore.awsrequest import AWSRequest
+    from botocore.credentials import Credentials
+
+    request = AWSRequest(
+        method="POST", url=f"https://127.0.0.1:{api.api_port}/", data=body, headers=headers
+    )
+    SigV4Auth(Credentials(TEST_KEY_ID, secret), "IoTSecuredTunneling", "us-east-1").add_auth(
+        request
+    )
+    return dict(request.headers.items())
+
+
+def _post(api: ThreadedApi, body: bytes, headers: dict[str, str]) -> tuple[int, dict[str, Any]]:
+    conn = _https(api)
+    try:
+        conn.request("POST", "/", body=body, headers=headers)
+        response = conn.getresponse()
+        return response.status, json.loads(response.read())
+    finally:
+        conn.close()
+
+
+def test_an_unsigned_target_cannot_be_swapped(signed_api: ThreadedApi) -> None:
+    """Issue 11 #3: a signature over host;x-amz-date only must not authorize whatever
+    X-Amz-Target is sent with it (a DescribeTunnel replayed as a CloseTunnel)."""
+    tunnel_id = signed_api.client().open_tunnel()["tunnelId"]
+    body = json.dumps({"tunnelId": tunnel_id}).encode()
+    headers = _signed_headers_for(signed_api, body, {})
+    assert "x-amz-target" not in headers["Authorization"].lower()
+    for operation in ("DescribeTunnel", "CloseTunnel"):
+        status, document = _post(
+            signed_api, body, {**headers, "X-Amz-Target": TARGET + operation}
+        )
+        assert (status, document["__type"]) == (403, "IncompleteSignatureException")
+        assert "X-Amz-Target" in document["message"]
+    described = signed_api.client().describe_tunnel(tunnelId=tunnel_id)["tunnel"]
+    assert described["status"] == "OPEN"
+
+
+@pytest.mark.parametrize("signed", ["host;x-amz-target", "x-amz-date;x-amz-target"])
+def test_host_and_date_must_be_signed(signed_api: ThreadedApi, signed: str) -> None:
+    body = b"{}"
+    headers = _signed_headers_for(signed_api, body, {"X-Amz-Target": TARGET + "ListTunnels"})
+    authorization = headers["Authorization"]
+    assert "SignedHeaders=host;x-amz-date;x-amz-target," in authorization
+    headers["Authorization"] = authorization.replace(
+        "SignedHeaders=host;x-amz-date;x-amz-target,", f"SignedHeaders={signed},"
+    )
+    status, document = _post(signed_api, body, headers)
+    assert (status, document["__type"]) == (403, "IncompleteSignatureException")
+    assert "SignedHeader" in document["message"]
+
+
+def test_every_sent_amz_header_must_be_signed(signed_api: ThreadedApi) -> None:
+    body = b"{}"
+    headers = _signed_headers_for(signed_api, body, {"X-Amz-Target": TARGET + "ListTunnels"})
+    status, document = _post(signed_api, body, {**headers, "X-Amz-Security-Token": "x"})
+    assert (status, document["__type"]) == (403, "IncompleteSignatureException")
+    assert "x-amz-security-token" in document["message"]
+
+
+def test_a_signed_content_hash_must_be_the_body_hash(signed_api: ThreadedApi) -> None:
+    """A request signed with X-Amz-Content-SHA256 (of the body it was signed with) cannot carry
+    another body: the canonical request covers the real payload hash."""
+    import hashlib
+
+    tunnel_id = signed_api.client().open_tunnel()["tunnelId"]
+    signed_body = json.dumps({"tunnelId": tunnel_id}).encode()
+    headers = _signed_headers_for(
+        signed_api,
+        signed_body,
+        {
+            "X-Amz-Target": TARGET + "CloseTunnel",
+            "X-Amz-Content-SHA256": hashlib.sha256(signed_body).hexdigest(),
+        },
+    )
+    assert "x-amz-content-sha256" in headers["Authorization"]
+    other = json.dumps({"tunnelId": tunnel_id, "delete": True}).encode()
+    status, document = _post(signed_api, other, headers)
+    assert (status, document["__type"]) == (403, "InvalidSignatureException")
+    assert "x-amz-content-sha256" in document["message"]
+    assert signed_api.registry.find(tunnel_id) is not None
+    # an UNSIGNED-PAYLOAD claim is refused the same way
+    headers = _signed_headers_for(
+        signed_api,
+        signed_body,
+        {"X-Amz-Target": TARGET + "CloseTunnel", "X-Amz-Content-SHA256": "UNSIGNED-PAYLOAD"},
+    )
+    status, document = _post(signed_api, signed_body, headers)
+    assert (status, document["__type"]) == (403, "InvalidSignatureException")
+    # the honest request with the header goes through
+    headers = _signed_headers_for(
+        signed_api,
+        signed_body,
+        {
+            "X-Amz-Target": TARGET + "CloseTunnel",
+            "X-Amz-Content-SHA256": hashlib.sha256(signed_body).hexdigest(),
+        },
+    )
+    assert _post(signed_api, signed_body, headers)[0] == 200
+    assert signed_api.registry.find(tunnel_id).is_open is False  # type: ignore[union-attr]
