@@ -551,7 +551,7 @@ def _configure_logging(verbose: bool) -> None:
 
 
 async def _serve(setup: _Setup) -> int:
-    from service.api import ManagementApi  # h11 is needed only with the API
+    from service.api import MAX_BODY, ManagementApi  # h11 is needed only with the API
     from service.http import HttpServer
     from service.sigv4 import SigV4Verifier
 
@@ -577,7 +577,10 @@ async def _serve(setup: _Setup) -> int:
         if setup.credentials is not None:
             verifier = SigV4Verifier(setup.credentials, args.region, setup.registry.clock)
         api_server = HttpServer(
-            ManagementApi(control, verifier=verifier), ssl_context=setup.ssl_context
+            ManagementApi(control, verifier=verifier),
+            ssl_context=setup.ssl_context,
+            max_body=MAX_BODY,
+            on_error=ManagementApi.http_error,
         )
     scheduler: asyncio.Task[None] | None = None
     try:

@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 
 from bench.awsapi import REGION, TEST_KEY_ID, TEST_SECRET
 from bench.pki import PKI
-from service.api import ManagementApi
+from service.api import MAX_BODY, ManagementApi
 from service.clock import Clock, SystemClock
 from service.control import ControlPlane, ControlSettings
 from service.http import HttpServer
@@ -73,7 +73,12 @@ class ThreadedApi:
                 verifier = SigV4Verifier(
                     dict(credentials), REGION, verifier_clock or self.registry.clock
                 )
-            http = HttpServer(ManagementApi(control, verifier=verifier), ssl_context=context)
+            http = HttpServer(
+                ManagementApi(control, verifier=verifier),
+                ssl_context=context,
+                max_body=MAX_BODY,
+                on_error=ManagementApi.http_error,
+            )
             ws_port = await data.start("127.0.0.1", 0)
             api_port = await http.start("127.0.0.1", 0)
             return data, control, http, ws_port, api_port

@@ -330,7 +330,7 @@ UNKNOWN = "UnknownOperationException"
     ("operation", "body", "code", "fragment"),
     [
         ("OpenTunnel", b"{not json", SERIALIZATION, "not valid JSON"),
-        ("OpenTunnel", b"\xff\xfe", SERIALIZATION, "not valid JSON"),
+        ("OpenTunnel", b"\xff\xfe", SERIALIZATION, "not UTF-8"),
         ("OpenTunnel", b"[1, 2]", SERIALIZATION, "JSON object"),
         ("FlyToTheMoon", b"{}", UNKNOWN, "FlyToTheMoon"),
         ("DescribeTunnel", b"{}", "", "tunnelId: missing"),
@@ -648,3 +648,81 @@ def test_a_signed_content_hash_must_be_the_body_hash(signed_api: ThreadedApi) ->
     )
     assert _post(signed_api, signed_body, headers)[0] == 200
     assert signed_api.registry.find(tunnel_id).is_open is False  # type: ignore[union-attr]
+
+
+# ---------------------------------------------------------------------------- hostile JSON
+
+
+def _post_plain(api: ThreadedApi, operation: str, body: bytes) -> tuple[int, str, bytes]:
+    conn = _https(api)
+    try:
+        conn.request("POST", "/", body=body, headers={"X-Amz-Target": TARGET + operation})
+        response = conn.getresponse()
+        return response.status, response.getheader("Content-Type") or "", response.read()
+    finally:
+        conn.close()
+
+
+@pytest.mark.parametrize(
+    ("body", "fragment"),
+    [
+        (b"[" * 100_000, "nested more than"),
+        (b'{"tags": ' + b"[" * 5_000 + b"]" * 5_000 + b"}", "nested more than"),
+        (b'{"description": "' + b"x" * (300 * 1024) + b'"}', "over"),
+    ],
+    ids=["deep", "deep-member", "huge"],
+)
+def test_deep_or_huge_json_is_refused_in_one_line(
+    api: ThreadedApi, caplog: pytest.LogCaptureFixture, body: bytes, fragment: str
+) -> None:
+    """Issue 11 #7: nesting or size that would exhaust the parser is a 4xx, not a 500."""
+    caplog.set_level("INFO")
+    before = len(api.registry)
+    status, content_type, raw = _post_plain(api, "OpenTunnel", body)
+    document = json.loads(raw)
+    assert status in (400, 413)
+    assert (document["__type"], content_type) == (
+        "SerializationException",
+        "application/x-amz-json-1.1",
+    )
+    assert fragment in document["message"]
+    assert "\n" not in document["message"]
+    assert len(api.registry) == before
+    assert "Traceback" not in caplog.text
+    logged = [
+        r.getMessage()
+        for r in caplog.records
+        if r.name in ("service.api", "service.http") and f" {status}" in r.getMessage()
+    ]
+    assert logged
+    assert all("\n" not in line for line in logged)
+
+
+def test_a_body_over_the_http_limit_gets_an_aws_shaped_413(api: ThreadedApi) -> None:
+    status, content_type, raw = _post_plain(api, "OpenTunnel", b"x" * (2 * 1024 * 1024))
+    assert status == 413
+    assert content_type == "application/x-amz-json-1.1"
+    assert json.loads(raw)["__type"] == "SerializationException"
+
+
+@pytest.mark.parametrize(
+    "cursor",
+    [
+        b"[" * 3000,
+        b"[" + b"9" * 400 + b', "t"]',
+        b'[NaN, "t"]',
+        b'{"a": 1, "b": 2}',
+        b'[1, ["t"]]',
+        b"\xff\xfe",
+    ],
+    ids=["deep", "huge-int", "nan", "object", "non-string-id", "not-utf8"],
+)
+def test_a_hostile_next_token_is_an_invalid_request(api: ThreadedApi, cursor: bytes) -> None:
+    import base64
+
+    token = base64.urlsafe_b64encode(cursor).decode()
+    assert len(token) <= 4096
+    status, _, raw = _post_plain(api, "ListTunnels", json.dumps({"nextToken": token}).encode())
+    document = json.loads(raw)
+    assert (status, document["__type"]) == (400, "InvalidRequestException")
+    assert "nextToken" in document["message"]

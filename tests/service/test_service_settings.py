@@ -204,3 +204,25 @@ def test_restart_keeps_tunnels_and_file_tunnels(tmp_path: Path, pki: PKI) -> Non
         assert second.stop() == 0
     for token in (opened["sourceAccessToken"], opened["destinationAccessToken"]):
         assert str(token) not in first.output() + second.output()
+
+
+def test_a_deeply_nested_state_row_is_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A damaged (or tampered) state file whose row is nested deep enough to exhaust the JSON
+    parser is a one-line error too, not a traceback."""
+    import sqlite3
+
+    from service.store import SqliteStore
+
+    path = tmp_path / "state.db"
+    SqliteStore(path).close()
+    with sqlite3.connect(path) as db:
+        db.execute(
+            "INSERT INTO tunnels (tunnel_id, status, created_at, data) VALUES (?, ?, ?, ?)",
+            ("t", "OPEN", 0.0, "[" * 100_000),
+        )
+    db.close()
+    line = one_line_error(capsys, ["--plain", "--state", str(path)])
+    assert f"{path}: tunnel 't': malformed row" in line
+    assert "nested more than" in line
