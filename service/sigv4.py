@@ -221,7 +221,10 @@ def _signature(
         request.headers.add_header(name, value)
     request.context["timestamp"] = amz_date
     auth = SigV4Auth(Credentials(key_id, secret), SIGNING_NAME, region)
-    if auth.signed_headers(auth.headers_to_sign(request)) != ";".join(sorted(signed_names)):
-        return None
-    canonical = auth.canonical_request(request)
+    try:
+        if auth.signed_headers(auth.headers_to_sign(request)) != ";".join(sorted(signed_names)):
+            return None
+        canonical = auth.canonical_request(request)
+    except ValueError:  # a Host (or target) that makes no URL, such as "[": not signable
+        raise InvalidSignature("Host header and request target do not form a valid URL") from None
     return str(auth.signature(auth.string_to_sign(request, canonical), request))

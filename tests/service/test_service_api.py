@@ -726,3 +726,13 @@ def test_a_hostile_next_token_is_an_invalid_request(api: ThreadedApi, cursor: by
     document = json.loads(raw)
     assert (status, document["__type"]) == (400, "InvalidRequestException")
     assert "nextToken" in document["message"]
+
+
+def test_an_unsignable_host_is_an_invalid_signature(signed_api: ThreadedApi) -> None:
+    """Found by test_service_fuzz_api: a Host such as "[" made botocore's URL parsing raise,
+    a 500 with a traceback in the log."""
+    body = b"{}"
+    headers = _signed_headers_for(signed_api, body, {"X-Amz-Target": TARGET + "ListTunnels"})
+    status, document = _post(signed_api, body, {**headers, "Host": "["})
+    assert (status, document["__type"]) == (403, "InvalidSignatureException")
+    assert "Host" in document["message"]
