@@ -29,6 +29,7 @@ message, 1009 for a message over the size limit (131076 bytes unless configured)
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import ssl
 import weakref
@@ -507,13 +508,15 @@ class TunnelService:
             async for data in ws:
                 if isinstance(data, str):
                     log.warning("%s sent a text message; closing", peer)
-                    await ws.close(CloseCode.UNSUPPORTED_DATA, "binary messages only")
+                    await _close_discarding(ws, CloseCode.UNSUPPORTED_DATA, "binary messages only")
                     return
                 try:
                     messages = decoder.feed(data)
                 except RemoteProtocolError as exc:
                     log.warning("%s: %s; closing", peer, exc)
-                    await ws.close(CloseCode.PROTOCOL_ERROR, "undecodable tunnel frame")
+                    await _close_discarding(
+                        ws, CloseCode.PROTOCOL_ERROR, "undecodable tunnel frame"
+                    )
                     return
                 routing = pairing.receive(peer.mode, peer, messages)
                 for drop in routing.dropped:
@@ -547,6 +550,28 @@ class TunnelService:
         task = asyncio.get_running_loop().create_task(coroutine, name=name)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+
+async def _close_discarding(ws: ServerConnection, code: CloseCode, reason: str) -> None:
+    """Close ``ws`` while reading (and dropping) what it still sends.
+
+    websockets stops reading a connection while ``MAX_QUEUE`` messages wait for the handler:
+    a handler that closes instead of reading on would never see the peer's answer to its close
+    frame, and the close would stall for ``CLOSE_TIMEOUT``.
+    """
+
+    async def discard() -> None:
+        with contextlib.suppress(ConnectionClosed):
+            async for _ in ws:
+                pass
+
+    reader = asyncio.get_running_loop().create_task(discard(), name="discard")
+    try:
+        await ws.close(code, reason)
+    finally:
+        reader.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await reader
 
 
 def _host(connection: ServerConnection) -> str:

@@ -25,6 +25,7 @@ from service.notify import RecordingNotifier
 from service.registry import TunnelRegistry
 from service.server import TunnelService
 from service.sigv4 import SigV4Verifier
+from service.throttle import DEFAULT_THROTTLE, ThrottleSettings
 
 T = TypeVar("T")
 
@@ -53,6 +54,7 @@ class ThreadedApi:
         verifier_clock: Clock | None = None,
         settings: ControlSettings | None = None,
         tls: bool = True,
+        throttle: ThrottleSettings | None = DEFAULT_THROTTLE,
     ) -> None:
         self.pki = pki
         self.tls = tls
@@ -64,7 +66,7 @@ class ThreadedApi:
         context = pki.server_context() if tls else None
 
         async def make() -> tuple[TunnelService, ControlPlane, HttpServer, int, int]:
-            data = TunnelService(self.registry, ssl_context=context)
+            data = TunnelService(self.registry, ssl_context=context, throttle=throttle)
             control = ControlPlane(
                 self.registry, data_plane=data, notifier=self.notifier, settings=settings
             )
