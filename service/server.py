@@ -570,8 +570,7 @@ async def _close_discarding(ws: ServerConnection, code: CloseCode, reason: str) 
         await ws.close(code, reason)
     finally:
         reader.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await reader
+        await asyncio.wait([reader])  # without swallowing a cancellation of our own
 
 
 def _host(connection: ServerConnection) -> str:

@@ -62,7 +62,7 @@ OPERATIONS = sorted(MODEL.operation_names)
 
 
 class LogWatch(logging.Handler):
-    """Every record of the service's loggers that is an error or carries a traceback."""
+    """Every record (of any logger) that is an error or carries a traceback."""
 
     def __init__(self) -> None:
         super().__init__(logging.DEBUG)
@@ -128,7 +128,7 @@ class Fuzzed:
 def _start(pki: PKI, credentials: dict[str, str] | None) -> Iterator[Fuzzed]:
     watch = LogWatch()
     logger = logging.getLogger("service")
-    logger.addHandler(watch)
+    logging.getLogger().addHandler(watch)  # every logger's errors: asyncio's, websockets' too
     level = logger.level
     logger.setLevel(logging.INFO)
     api = ThreadedApi(
@@ -144,7 +144,7 @@ def _start(pki: PKI, credentials: dict[str, str] | None) -> Iterator[Fuzzed]:
     finally:
         wire.close()
         api.close()
-        logger.removeHandler(watch)
+        logging.getLogger().removeHandler(watch)
         logger.setLevel(level)
 
 

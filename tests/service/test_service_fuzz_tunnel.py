@@ -60,7 +60,7 @@ CLIENT_TOKENS = {mode: f"{mode.value}-client-token-0123456789abcdef" for mode in
 
 
 class LogWatch(logging.Handler):
-    """Records of the service's loggers that are errors, or warnings with a traceback
+    """Records (of any logger) that are errors, or warnings with a traceback
     (websockets logs rejected requests with a traceback at DEBUG: not a fault)."""
 
     def __init__(self) -> None:
@@ -142,7 +142,7 @@ async def _drain(ws: ClientConnection, markers: dict[int, asyncio.Future[None]])
 def bench(tmp_path_factory: pytest.TempPathFactory, ms: float) -> Iterator[Bench]:
     watch = LogWatch()
     logger = logging.getLogger("service")
-    logger.addHandler(watch)
+    logging.getLogger().addHandler(watch)  # every logger's errors: asyncio's, websockets' too
     level = logger.level
     logger.setLevel(logging.INFO)
     # No throttling: the hostile handshakes are to reach the rules, not the 429 (which
@@ -187,7 +187,7 @@ def bench(tmp_path_factory: pytest.TempPathFactory, ms: float) -> Iterator[Bench
 
         api.call(teardown())
         api.close()
-        logger.removeHandler(watch)
+        logging.getLogger().removeHandler(watch)
         logger.setLevel(level)
 
 
