@@ -57,6 +57,9 @@ def test_any_input_parses_or_raises_jsoninputerror(data: str | bytes) -> None:
     assert json.dumps(value) == json.dumps(json.loads(text))  # NaN != NaN, so compare text
 
 
-def test_huge_integers_are_a_jsoninputerror() -> None:
-    with pytest.raises(JSONInputError, match="not valid JSON: Exceeds the limit"):
-        loads("1" * 5000)
+def test_an_integer_over_pythons_digit_limit_is_a_json_input_error() -> None:
+    """``json.loads`` raises a plain ValueError (not a JSONDecodeError) for an integer of more
+    than ``sys.get_int_max_str_digits()`` digits; it must end in a JSONInputError too."""
+    for document in ("1" * 5000, '{"a": [' + "9" * 5000 + "]}"):
+        with pytest.raises(JSONInputError, match="not valid JSON: a number of more than"):
+            loads(document)

@@ -23,6 +23,7 @@ from proxy.protocol.framing import MAX_WS_MESSAGE, encode
 from proxy.protocol.messages import MAX_PAYLOAD, Message
 from proxy.protocol.messages import MessageType as T
 from service.registry import Mode
+from service.server import MAX_QUEUE
 
 SRC, DST = Mode.SOURCE, Mode.DESTINATION
 SERVICE_IDS = Message(T.SERVICE_IDS, available_service_ids=SERVICES)
@@ -498,3 +499,30 @@ def test_tokens_never_logged(harness: Harness, caplog: pytest.LogCaptureFixture)
     assert "access-token: [secure]" in text
     for secret in secrets:
         assert secret not in text
+
+
+@pytest.mark.parametrize("bad", ["text", b"\x00\x00"], ids=["text", "empty-frame"])
+def test_bad_input_then_more_messages_closes_cleanly(
+    harness: Harness, caplog: pytest.LogCaptureFixture, bad: str | bytes
+) -> None:
+    """Found by test_service_fuzz_tunnel: junk followed by more messages than websockets queues
+    (MAX_QUEUE) stopped the service reading that connection, so the peer's answer to its close
+    frame was never read: the close handshake stalled until CLOSE_TIMEOUT (then, the peer's own
+    timeout aborted it: close code 1006 in the log instead of the one the service sent)."""
+    caplog.set_level(logging.INFO, logger="service.server")
+
+    async def scenario() -> None:
+        async with harness.service() as service:
+            async with harness.peer(service, SRC) as source:
+                await source.ws.send(bad)
+                for _ in range(MAX_QUEUE + 4):
+                    await source.ws.send(encode(start(1)))
+                await source.ws.wait_closed()
+            async with asyncio.timeout(10_000 * harness.ms):
+                await service.wait_for_peer(TUNNEL, SRC, connected=False)
+
+    harness.run(scenario())
+    code = 1003 if isinstance(bad, str) else 1002
+    lines = [r.getMessage() for r in caplog.records if "peer disconnected" in r.getMessage()]
+    assert len(lines) == 1
+    assert f"close code {code} " in lines[0]
