@@ -497,6 +497,15 @@ def read_config_text(path: Path, display: str) -> str:
         raise ConfigError(f"{display}: {exc.strerror or exc}") from None
 
 
+#: Mapping lines longer than this are not quoted in errors: an endpoint line is short, and a
+#: long one may be a token pasted into the wrong file (tokens are 64 characters or more).
+_QUOTABLE_LINE = 48
+
+
+def _quotable(line: str) -> bool:
+    return len(line) <= _QUOTABLE_LINE
+
+
 def _read_ini(path: Path, display: str, *, expected: str, quote: bool) -> list[_IniEntry]:
     """Read ``KEY = value`` lines without a section header, as the reference proxy does.
 
@@ -507,7 +516,7 @@ def _read_ini(path: Path, display: str, *, expected: str, quote: bool) -> list[_
     lines = [raw.strip() for raw in read_config_text(path, display).splitlines()]
 
     def bad(number: int, problem: str) -> ConfigError:
-        shown = f"{lines[number - 1]!r}: " if quote else ""
+        shown = f"{lines[number - 1]!r}: " if quote and _quotable(lines[number - 1]) else ""
         return ConfigError(f"{display}:{number}: {shown}{problem}")
 
     def key_name(key: str) -> str:
@@ -551,7 +560,10 @@ def _mapping_file_entries(path: Path, display: str, mode: Mode) -> list[_Sourced
         try:
             mapping = ServiceMapping(_service_id(key), _endpoint(value, mode))
         except _Invalid as exc:
-            raise ConfigError(f"{where}: '{key} = {value}': {exc}") from None
+            shown = f"{key} = {value}"
+            raise ConfigError(
+                f"{where}: {shown!r}: {exc}" if _quotable(shown) else f"{where}: {exc}"
+            ) from None
         entries.append(_Sourced(mapping, where))
     return entries
 

@@ -1230,3 +1230,20 @@ def test_default_settings_json_lists_every_knob() -> None:
 def test_tokens_never_appear_in_errors(tmp_path: Path, argv: list[str]) -> None:
     env = {"AWSIOT_TUNNEL_ACCESS_TOKEN": TOKEN, "AWSIOT_TUNNEL_CLIENT_TOKEN": CLIENT}
     err(argv, tmp_path, env)  # err() asserts that no secret is in the message
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        "access-token = " + "A" * 64,  # an option file's line in the mapping directory
+        "AQGAAXiQ" + "x" * 60,  # a token pasted alone
+        "SSH1 = " + "t" * 64,
+    ],
+)
+def test_mapping_file_errors_never_quote_a_long_line(tmp_path: Path, line: str) -> None:
+    """A mapping error names file and line; a line that may be a pasted token is not shown."""
+    path = write(tmp_path / "m.ini", f"HTTP1 = 80\n{line}\n")
+    with pytest.raises(ConfigError) as caught:
+        read_mapping_file(path, mode=Mode.DESTINATION, display="m.ini")
+    assert str(caught.value).startswith("m.ini:2: ")
+    assert line[-40:] not in str(caught.value)
