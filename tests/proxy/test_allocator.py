@@ -7,10 +7,12 @@ again (as a relay does with every message) stops faulting in fresh pages.
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import platform
 import subprocess
 import sys
+import weakref
 
 import pytest
 
@@ -117,3 +119,42 @@ def test_heap_trimmer_joins_requests_and_spaces_trims() -> None:
     first, second = asyncio.run(scenario())
     # asyncio may run a timer up to its clock resolution early
     assert second - first >= 0.2 - 0.01
+
+
+class _Cyclic:
+    """An object in a reference cycle, as closed connections are (websockets, asyncio TLS)."""
+
+    def __init__(self) -> None:
+        self.me = self
+
+
+def test_heap_trimmer_frees_garbage_in_reference_cycles_first() -> None:
+    """The buffers of a closed connection are freed only when the garbage collector finds its
+    cycle: the trimmer collects before it trims (with automatic collection off, so that only
+    the trimmer can free it)."""
+
+    async def scenario() -> None:
+        trimmed = asyncio.Event()
+        alive_at_trim: list[bool] = []
+        garbage = _Cyclic()
+        ref = weakref.ref(garbage)
+        del garbage
+
+        def trim() -> bool:
+            alive_at_trim.append(ref() is not None)
+            trimmed.set()
+            return True
+
+        trimmer = HeapTrimmer(delay=0.0, trim=trim)
+        trimmer.request()
+        async with asyncio.timeout(30):
+            await trimmed.wait()
+        assert alive_at_trim == [False]
+
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        asyncio.run(scenario())
+    finally:
+        if enabled:
+            gc.enable()
