@@ -9,8 +9,9 @@ takes the reference's ``-s/-d/-e/-t/-c`` flags (the token then goes on its comma
 reference requires), so that builds can be compared side by side in one run.
 
 ``--soak`` runs the soak scenarios instead (:mod:`bench.soak`: 200 tunnels opened and closed
-through the management API, 10,000 connections through one tunnel; a few minutes), written to
-``bench/out/soak.json`` unless ``--json`` says otherwise.
+through the management API with a pair of proxies each, 2,000 more with in-process peers,
+10,000 connections through one tunnel; about two minutes), written to ``bench/out/soak.json``
+unless ``--json`` says otherwise.
 """
 
 from __future__ import annotations
@@ -239,6 +240,7 @@ def run_soak(args: argparse.Namespace) -> dict[str, Any]:
     results["tunnel_churn"] = soak.tunnel_churn(
         workdir / "soak-tunnels", pki, args.soak_tunnels, parallel=args.soak_parallel
     )
+    results["peer_churn"] = soak.peer_churn(workdir / "soak-peers", pki, args.soak_peers)
     setup = start(workdir / "soak-connections", pki, args.proxy_cmd, [])
     try:
         results["connection_churn"] = soak.connection_churn(
@@ -347,6 +349,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--soak-tunnels", type=int, default=200, metavar="N")
     parser.add_argument("--soak-parallel", type=int, default=4, metavar="N")
+    parser.add_argument("--soak-peers", type=int, default=2000, metavar="N")
     parser.add_argument("--soak-connections", type=int, default=10_000, metavar="N")
     parser.add_argument("--soak-wave", type=int, default=100, metavar="N")
     parser.add_argument("--json", type=Path, help="default: bench/out/results.json (soak.json)")

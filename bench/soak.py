@@ -5,16 +5,20 @@ leave behind in memory and file descriptors.
   over TLS, a few at a time. Each one: OpenTunnel, a destination and a source proxy connect, a
   small echo transfer, CloseTunnel, and both proxies must exit by themselves with status 0.
   Reports the service's RSS and open fds before, at the peak (sampled throughout) and after.
+- :func:`peer_churn`: the same without proxy processes, to reach thousands of tunnels in a
+  minute: both peers are WebSocket clients of this process (TLS, the current subprotocol), and
+  nothing is relayed. Reports the service's RSS every few hundred tunnels and at rest.
 - :func:`connection_churn`: connections through one tunnel in waves of simultaneous ones (each
   echoes 4 bytes and closes). Reports RSS and fds of both proxies and the service before and
   after.
 
-Not part of the default run: the full sizes (200 tunnels, 10,000 connections) take a few
-minutes on a 2-core machine (bench/RESULTS.md).
+Not part of the default run: the full sizes (200 tunnels, 2,000 peer pairs, 10,000
+connections) take about two minutes on a 2-core machine (bench/RESULTS.md).
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import threading
@@ -22,6 +26,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
+
+from websockets.typing import Subprotocol
 
 from bench.awsapi import REGION, TEST_KEY_ID, TEST_SECRET, ApiService, start_api_service
 from bench.awsapi import write_credentials as write_creds
@@ -185,6 +191,78 @@ def tunnel_churn(
         stack.close()
 
 
+def peer_churn(
+    workdir: Path,
+    pki: PKI,
+    count: int,
+    *,
+    every: int = 500,
+    rest: float = TRIM_DELAY + TRIM_INTERVAL + 1.0,
+) -> dict[str, Any]:
+    """``count`` tunnels opened, joined by two in-process peers and closed, one at a time."""
+    stack = Stack(workdir)
+    try:
+        service = start_api_service(stack, pki, credentials=write_creds(workdir / "creds"))
+        client = api_client(service, pki.ca.cert)
+        pid = service.proc.pid
+        before = usage(pid)
+        samples: list[dict[str, int]] = []
+        start = time.perf_counter()
+        with PeakSampler(pid) as sampler:
+            asyncio.run(_peer_pairs(service, pki, client, count, every, samples))
+        seconds = time.perf_counter() - start
+        client.close()
+        settle({"service": service.proc}, {"service": before}, 10.0)
+        time.sleep(rest)
+        return {
+            "tunnels": count,
+            "seconds": round(seconds, 1),
+            "service_before": before,
+            "service_samples": samples,
+            "service_peak": sampler.peak,
+            "service_after": usage(pid),
+        }
+    finally:
+        stack.close()
+
+
+async def _peer_pairs(
+    service: ApiService,
+    pki: PKI,
+    client: Any,
+    count: int,
+    every: int,
+    samples: list[dict[str, int]],
+) -> None:
+    from websockets.asyncio.client import connect
+
+    context = pki.client_context()
+    url = f"wss://127.0.0.1:{service.port}/tunnel?local-proxy-mode="
+    for index in range(count):
+        opened = await asyncio.to_thread(
+            client.open_tunnel, destinationConfig={"services": ["SSH1"]}
+        )
+        peers = []
+        for mode in ("destination", "source"):
+            peers.append(
+                await connect(
+                    url + mode,
+                    ssl=context,
+                    additional_headers={"access-token": opened[f"{mode}AccessToken"]},
+                    subprotocols=[Subprotocol("aws.iot.securetunneling-3.0")],
+                    compression=None,
+                )
+            )
+        await asyncio.to_thread(client.close_tunnel, tunnelId=opened["tunnelId"])
+        for ws in peers:
+            async with asyncio.timeout(60):
+                await ws.wait_closed()
+            if ws.close_code != 1000:
+                raise RuntimeError(f"tunnel {index}: peer closed with {ws.close_code}")
+        if (index + 1) % every == 0:
+            samples.append({"tunnels": index + 1, **usage(service.proc.pid)})
+
+
 def _count_tunnels(client: Any) -> int:
     """How many tunnels ListTunnels reports (all closed by now: kept for the retention)."""
     total = 0
@@ -225,6 +303,14 @@ def table(results: dict[str, Any]) -> str:
         lines.append(f"    {'service_after (at rest)':26} {_usage(tc['service_after'])}")
         for failure in tc["failures"]:
             lines.append(f"    failure: {failure}")
+    pc = results.get("peer_churn")
+    if pc:
+        lines.append(f"  {pc['tunnels']} tunnels with in-process peers in {pc['seconds']} s:")
+        lines.append(f"    {'service_before':26} {_usage(pc['service_before'])}")
+        for sample in pc["service_samples"]:
+            lines.append(f"    {'after ' + str(sample['tunnels']):26} {_usage(sample)}")
+        lines.append(f"    {'service_peak':26} {_usage(pc['service_peak'])}")
+        lines.append(f"    {'service_after (at rest)':26} {_usage(pc['service_after'])}")
     cc = results.get("connection_churn")
     if cc:
         lines.append(

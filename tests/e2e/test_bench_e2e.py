@@ -83,6 +83,8 @@ def test_soak_scenarios_run_small(tmp_path: Path) -> None:
     for key in ("service_before", "service_after_first_tunnel", "service_peak", "service_after"):
         assert set(churn[key]) == {"rss_kib", "fds"}
     assert churn["service_peak"]["fds"] >= churn["service_before"]["fds"]
+    peers = soak.peer_churn(tmp_path / "peers", pki, 6, every=3, rest=0.0)
+    assert [sample["tunnels"] for sample in peers["service_samples"]] == [3, 6]
     setup = bench.start(tmp_path / "connections", pki, None, [])
     try:
         connections = soak.connection_churn(setup.procs(), setup.ssh1, 200, 50)
@@ -94,10 +96,12 @@ def test_soak_scenarios_run_small(tmp_path: Path) -> None:
         "machine": "test",
         "date": "today",
         "tunnel_churn": churn,
+        "peer_churn": peers,
         "connection_churn": connections,
     }
     text = soak.table(results)
     assert "5 tunnels (2 at a time)" in text
     assert "10/10 proxies exited cleanly" in text
+    assert "6 tunnels with in-process peers" in text
     assert "200 connections in waves of 50: 200 echoed" in text
     json.dumps(results)
