@@ -29,7 +29,7 @@ from typing import Any
 
 from websockets.typing import Subprotocol
 
-from bench.awsapi import REGION, TEST_KEY_ID, TEST_SECRET, ApiService, start_api_service
+from bench.awsapi import ApiService, boto3_client, start_api_service
 from bench.awsapi import write_credentials as write_creds
 from bench.clients import echo_roundtrips
 from bench.harness import Proc, Stack, rss_kib
@@ -89,16 +89,6 @@ def settle(procs: dict[str, Proc], baseline: dict[str, dict[str, int]], timeout:
         time.sleep(0.1)
 
 
-def api_client(service: ApiService, ca: Path) -> Any:
-    """A boto3 ``iotsecuretunneling`` client for the service, with the test credentials."""
-    import boto3
-
-    session = boto3.session.Session(
-        aws_access_key_id=TEST_KEY_ID, aws_secret_access_key=TEST_SECRET, region_name=REGION
-    )
-    return session.client("iotsecuretunneling", endpoint_url=service.endpoint, verify=str(ca))
-
-
 def tunnel_churn(
     workdir: Path,
     pki: PKI,
@@ -117,7 +107,7 @@ def tunnel_churn(
     try:
         service = start_api_service(stack, pki, credentials=write_creds(workdir / "creds"))
         _, echo = stack.echo_server()
-        client = api_client(service, pki.ca.cert)
+        client = boto3_client(service, pki.ca.cert)
         pid = service.proc.pid
         before = usage(pid)
         failures: list[str] = []
@@ -203,7 +193,7 @@ def peer_churn(
     stack = Stack(workdir)
     try:
         service = start_api_service(stack, pki, credentials=write_creds(workdir / "creds"))
-        client = api_client(service, pki.ca.cert)
+        client = boto3_client(service, pki.ca.cert)
         pid = service.proc.pid
         before = usage(pid)
         samples: list[dict[str, int]] = []

@@ -135,10 +135,10 @@ class HeapTrimmer:
 
     def _run(self, loop: asyncio.AbstractEventLoop) -> None:
         self._pending = None
-        self._last = loop.time()
         self.trims += 1
         collected = gc.collect()
         released = self._trim()
+        self._last = loop.time()  # the interval runs from the end of this one
         log.debug(
             "heap trimmed: %d garbage object(s) collected, %s",
             collected,
