@@ -12,6 +12,9 @@ leave behind in memory and file descriptors.
   echoes 4 bytes and closes). Reports RSS and fds of both proxies and the service before and
   after.
 
+The tunnel and peer churns run iotunnel's own proxies (or none); ``--proxy-cmd`` applies to
+the connection churn.
+
 Not part of the default run: the full sizes (200 tunnels, 2,000 peer pairs, 10,000
 connections) take about two minutes on a 2-core machine (bench/RESULTS.md).
 """
