@@ -141,6 +141,16 @@ def aws_env(credentials: Path, ca: Path | None, region: str = REGION) -> dict[st
     return env
 
 
+def boto3_client(service: ApiService, ca: Path) -> Any:
+    """A boto3 ``iotsecuretunneling`` client for the service, with the test credentials."""
+    import boto3
+
+    session = boto3.session.Session(
+        aws_access_key_id=TEST_KEY_ID, aws_secret_access_key=TEST_SECRET, region_name=REGION
+    )
+    return session.client("iotsecuretunneling", endpoint_url=service.endpoint, verify=str(ca))
+
+
 def aws_cli(
     args: Sequence[str],
     service: ApiService,

@@ -46,6 +46,7 @@ from websockets.http11 import Request, Response
 from websockets.protocol import State
 from websockets.typing import Subprotocol
 
+from proxy.io.memory import HeapTrimmer
 from proxy.io.sockets import RECEIVE_BUFFER, tune_listener, tune_transport
 from proxy.protocol.errors import RemoteProtocolError
 from proxy.protocol.framing import MAX_WS_MESSAGE, Decoder
@@ -190,6 +191,8 @@ class TunnelService:
         self._tasks: set[asyncio.Task[None]] = set()
         #: set (and replaced) whenever a peer attaches or detaches
         self._peers_changed = asyncio.Event()
+        #: returns what connections leave as holes in the heap (see proxy/io/memory.py)
+        self.trimmer = HeapTrimmer()
 
     @property
     def registry(self) -> TunnelRegistry:
@@ -261,6 +264,7 @@ class TunnelService:
             await server.wait_closed()
         while self._tasks:
             await asyncio.gather(*self._tasks)
+        self.trimmer.close()
 
     async def __aenter__(self) -> Self:
         return self
@@ -498,6 +502,7 @@ class TunnelService:
                 peer.dropped,
             )
             await self._send(pairing.peer(mode.other), resets)
+            self.trimmer.request()
 
     async def _relay(self, pairing: Pairing[_Peer], peer: _Peer) -> None:
         """Forward what ``peer`` sends until its connection closes."""

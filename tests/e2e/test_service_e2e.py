@@ -18,13 +18,10 @@ from typing import Any
 import pytest
 
 from bench.awsapi import (
-    REGION,
-    TEST_KEY_ID,
-    TEST_SECRET,
-    ApiService,
     Subscriber,
     aws_env,
     aws_json,
+    boto3_client,
     start_api_service,
     write_credentials,
 )
@@ -39,15 +36,6 @@ pytestmark = pytest.mark.skipif(
 )
 
 EXIT_CLOSED, EXIT_REFUSED = 0, 3
-
-
-def boto3_client(service: ApiService, ca: Path) -> Any:
-    import boto3
-
-    session = boto3.session.Session(
-        aws_access_key_id=TEST_KEY_ID, aws_secret_access_key=TEST_SECRET, region_name=REGION
-    )
-    return session.client("iotsecuretunneling", endpoint_url=service.endpoint, verify=str(ca))
 
 
 def states(client: Any, tunnel_id: str) -> tuple[str, str, str]:

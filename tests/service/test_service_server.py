@@ -19,6 +19,7 @@ from service_harness import (
     Harness,
 )
 
+from proxy.io.memory import HeapTrimmer
 from proxy.protocol.framing import MAX_WS_MESSAGE, encode
 from proxy.protocol.messages import MAX_PAYLOAD, Message
 from proxy.protocol.messages import MessageType as T
@@ -428,6 +429,33 @@ def test_close_tunnel_closes_both_peers(harness: Harness) -> None:
             assert not service.peer_connected(TUNNEL, DST)
             assert (await harness.refusal(service, SRC, client_token=CLIENT_TOKEN))[0] == 410
             await service.close_tunnel(TUNNEL)  # idempotent
+
+    harness.run(scenario())
+
+
+def test_heap_is_trimmed_once_after_peers_leave(harness: Harness) -> None:
+    """What closed connections leave in the heap goes back to the kernel (proxy/io/memory.py):
+    one trim after both peers of a closed tunnel have left."""
+
+    async def scenario() -> None:
+        trimmed = asyncio.Event()
+
+        def trim() -> bool:
+            trimmed.set()
+            return True
+
+        async with harness.service() as service:
+            service.trimmer = HeapTrimmer(delay=0.0, trim=trim)
+            async with (
+                harness.peer(service, DST) as destination,
+                harness.peer(service, SRC) as source,
+            ):
+                await service.close_tunnel(TUNNEL)
+                for peer in (source, destination):
+                    assert await close_code(peer.ws) == 1000
+                async with asyncio.timeout(10_000 * harness.ms):
+                    await trimmed.wait()
+            assert service.trimmer.trims == 1  # both disconnections: one trim
 
     harness.run(scenario())
 
