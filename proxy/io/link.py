@@ -1,7 +1,8 @@
 """The WebSocket link to the tunnel service: handshake, TLS, socket options, error mapping.
 
-This is the only module that imports websockets for the proxy; it maps the library's and the
-operating system's exceptions onto :mod:`proxy.errors`.
+This is the only module of the proxy that opens a WebSocket (:mod:`proxy.io.tunnel` only uses
+the open connection); it maps the library's and the operating system's exceptions onto
+:mod:`proxy.errors`.
 """
 
 from __future__ import annotations
@@ -241,7 +242,7 @@ async def open_link(options: LinkOptions) -> tuple[ClientConnection, int]:
             open_timeout=options.open_timeout,
             ping_interval=options.ping_interval,
             # The service may not answer pings while the peer is away: a missing pong alone is
-            # no reason to drop the tunnel (PROTOCOL.md "Keepalive").
+            # no reason to drop the tunnel (proxy/protocol/PROTOCOL.md, section 'Keepalive').
             ping_timeout=None,
             close_timeout=5,
             max_size=MAX_WS_MESSAGE,

@@ -1,4 +1,9 @@
-"""Allocator settings for a process that relays large messages (the proxy and the service).
+"""Allocator tuning: glibc's ``mallopt`` and ``malloc_trim`` for the processes that relay data.
+
+This is about when freed memory goes back to the kernel, not about bounding what is buffered
+(that is the backpressure of the scheduler and the local connections). The proxy and the
+service call :func:`tune_allocator` once at start; the service also runs a :class:`HeapTrimmer`.
+On another C library :func:`tune_allocator` does nothing and the trimmer only collects garbage.
 
 glibc returns the top of its heap to the kernel as soon as more than 128 KiB of it is free, and
 serves allocations over 128 KiB with fresh ``mmap`` pages. A relay allocates and frees a 64 KiB

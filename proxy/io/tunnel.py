@@ -4,10 +4,14 @@ One :class:`Tunnel` owns the WebSocket to the service (reconnecting with backoff
 connections, and in source mode the listeners. It follows the sans-IO adapter order: feed the
 session, queue what it wants sent, then carry out its actions without awaiting in between.
 
-Data path: one local read becomes one DATA frame (at most 63 KiB) queued in the connection's
-FIFO of the :class:`~proxy.io.scheduler.FairScheduler`; one received DATA frame becomes one
-write to the local transport. Backpressure: a connection's reading pauses while its FIFO is
-full; reading from the WebSocket pauses while a local peer has too much unread.
+Data path: what a local read returns is queued raw in the connection's FIFO of the
+:class:`~proxy.io.scheduler.FairScheduler`, which cuts it into DATA frames (at most 63 KiB, at
+the link's pace) only when it sends them; one received DATA frame becomes one write to the local
+transport. Backpressure: a connection's reading pauses while its FIFO is full; reading from the
+WebSocket pauses while a local peer has too much unread.
+
+Which local endpoint or listener each service ID gets is decided by the pure rules of
+:mod:`proxy.mapping`; this module carries the plan out.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ and what happened locally (``open_connection``, ``encode_data``, ``connection_cl
 ``reset``). Its outputs are frames to send (``data_to_send``), actions for the local side
 (``actions``) and the protocol errors the peer made (``errors``). Peer input never raises.
 
-Rules (PROTOCOL.md, and the reference's V1/V2/V3 protocol guides):
+Rules (proxy/protocol/PROTOCOL.md, section 'Rules'; the reference's V1/V2/V3 protocol guides):
 
 * each service has at most one active stream; the source opens it with STREAM_START and, on V3,
   adds connections with CONNECTION_START; a new STREAM_START for a service replaces its stream;

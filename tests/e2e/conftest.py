@@ -42,7 +42,7 @@ def www(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @dataclass
 class TwoServices:
-    """The seed's walk-through: one tunnel, HTTP1 -> an HTTP server, SSH1 -> an echo server."""
+    """README.md's walk-through: one tunnel, HTTP1 -> an HTTP server, SSH1 -> an echo server."""
 
     tunnel: Tunnel
     service_port: int

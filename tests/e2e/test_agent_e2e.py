@@ -196,7 +196,7 @@ def aws_cli(api_port: int, ca: Path, *args: str) -> dict[str, object]:
 def test_open_tunnel_then_http_and_real_ssh_at_the_same_time(
     device: Device, stack: Stack, pki: PKI, www: Path
 ) -> None:
-    """The seed's walk-through, from ``aws iotsecuretunneling open-tunnel`` to ``ssh``."""
+    """README.md's walk-through, from ``aws iotsecuretunneling open-tunnel`` to ``ssh``."""
     if sshd_binary() is None:
         pytest.skip("sshd/ssh are not installed (openssh-server, openssh-client)")
     pytest.importorskip("awscli", reason="the AWS CLI (test extra) is not installed")

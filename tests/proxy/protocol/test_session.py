@@ -1,4 +1,7 @@
-"""TunnelSession playbooks: one test (or class) per rule of PROTOCOL.md "Rules"."""
+"""TunnelSession playbooks: one test (or class) per rule.
+
+The rules are those of proxy/protocol/PROTOCOL.md, section 'Rules'.
+"""
 
 from __future__ import annotations
 
@@ -53,7 +56,10 @@ def test_constructor_rejects_unknown_versions() -> None:
 
 
 class TestServiceIds:
-    """PROTOCOL.md: after the handshake the service sends SERVICE_IDS; IDs match a pattern."""
+    """After the handshake the service sends SERVICE_IDS; IDs match a pattern.
+
+    proxy/protocol/PROTOCOL.md, section 'Service IDs'.
+    """
 
     @pytest.mark.parametrize("role", list(Role))
     def test_recorded_and_reported(self, role: Role) -> None:
