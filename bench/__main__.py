@@ -31,9 +31,9 @@ from pathlib import Path
 from typing import Any
 
 from bench import soak
-from bench.harness import ROOT, Proc, Stack, Tunnel, agent_ini, free_port, peak_rss_kib, rss_kib
-from bench.mqtt import mosquitto_binary
-from bench.pki import PKI
+from testbed.harness import ROOT, Proc, Stack, Tunnel, agent_ini, free_port, peak_rss_kib, rss_kib
+from testbed.mqtt import mosquitto_binary
+from testbed.pki import PKI
 
 MB = 1_000_000
 #: The paced runs of scenario 1, in bytes/s across all connections.
@@ -218,7 +218,7 @@ def _prepare(args: argparse.Namespace) -> tuple[Path, PKI, dict[str, Any]]:
     """Compiled bytecode, the work directory, a PKI, and the results' header."""
     # Processes start from bytecode, as installed ones do (the .deb's postinst compiles it):
     # compiling the source at every start would count in the idle memory of scenario 7.
-    for package in ("proxy", "service", "agent", "bench"):
+    for package in ("proxy", "service", "agent", "testbed", "bench"):
         compileall.compile_dir(ROOT / package, quiet=1)
     workdir = Path(args.workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)

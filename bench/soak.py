@@ -32,12 +32,12 @@ from typing import Any
 
 from websockets.typing import Subprotocol
 
-from bench.awsapi import ApiService, boto3_client, start_api_service
-from bench.awsapi import write_credentials as write_creds
-from bench.clients import echo_roundtrips
-from bench.harness import Proc, Stack, rss_kib
-from bench.pki import PKI
 from proxy.io.memory import TRIM_DELAY, TRIM_INTERVAL
+from testbed.awsapi import ApiService, boto3_client, start_api_service
+from testbed.awsapi import write_credentials as write_creds
+from testbed.clients import echo_roundtrips
+from testbed.harness import Proc, Stack, rss_kib
+from testbed.pki import PKI
 
 #: Exit status of a proxy whose tunnel was closed (normal end).
 EXIT_CLOSED = 0

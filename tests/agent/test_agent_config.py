@@ -23,7 +23,7 @@ from agent.config import (
     ConfigError,
     load,
 )
-from bench.pki import PKI
+from testbed.pki import PKI
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -12,8 +12,8 @@ from typing import Any
 
 import pytest
 
-from bench.harness import Source, Stack, Tunnel
-from bench.pki import PKI
+from testbed.harness import Source, Stack, Tunnel
+from testbed.pki import PKI
 
 _HERE = str(Path(__file__).resolve().parent)
 

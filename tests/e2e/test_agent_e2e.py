@@ -25,11 +25,11 @@ from pathlib import Path
 
 import pytest
 
-from bench.clients import echo_roundtrips, http_get, recv_exactly
-from bench.harness import HarnessError, Proc, Stack, Tunnel, agent_ini
-from bench.mqtt import Publisher, mosquitto_binary
-from bench.pki import PKI, CertPair
-from bench.sshd import ssh_command, sshd_binary
+from testbed.clients import echo_roundtrips, http_get, recv_exactly
+from testbed.harness import HarnessError, Proc, Stack, Tunnel, agent_ini
+from testbed.mqtt import Publisher, mosquitto_binary
+from testbed.pki import PKI, CertPair
+from testbed.sshd import ssh_command, sshd_binary
 
 pytest.importorskip("awscrt", reason="the agent extra (awsiotsdk) is not installed")
 pytestmark = pytest.mark.skipif(

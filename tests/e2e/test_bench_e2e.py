@@ -16,7 +16,7 @@ import pytest
 
 from bench import __main__ as bench
 from bench import soak
-from bench.pki import PKI
+from testbed.pki import PKI
 
 
 @pytest.mark.parametrize("proxy_cmd", [None, f"{shlex.quote(sys.executable)} -m proxy"])

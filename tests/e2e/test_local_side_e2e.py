@@ -21,9 +21,9 @@ from typing import Any
 
 import pytest
 
-from bench.clients import echo_roundtrips
-from bench.fake_service import FakeService
-from bench.harness import ROOT, Stack, Tunnel, free_port
+from testbed.clients import echo_roundtrips
+from testbed.fake_service import FakeService
+from testbed.harness import ROOT, Stack, Tunnel, free_port
 
 MiB = 1 << 20
 

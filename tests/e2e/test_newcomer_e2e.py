@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from bench import demo
-from bench.clients import echo_roundtrips
-from bench.harness import ROOT, Stack, Tunnel
-from bench.mqtt import mosquitto_binary
-from bench.pki import PKI
+from demo import __main__ as demo
+from testbed.clients import echo_roundtrips
+from testbed.harness import ROOT, Stack, Tunnel
+from testbed.mqtt import mosquitto_binary
+from testbed.pki import PKI
 
 
 def test_proxies_start_from_the_checkout(stack: Stack, pki: PKI) -> None:

@@ -17,7 +17,8 @@ from typing import Any
 
 import pytest
 
-from bench.awsapi import (
+from service.notify import notify_topic
+from testbed.awsapi import (
     Subscriber,
     aws_env,
     aws_json,
@@ -25,11 +26,10 @@ from bench.awsapi import (
     start_api_service,
     write_credentials,
 )
-from bench.clients import echo_roundtrips, http_get
-from bench.harness import Stack, free_port
-from bench.mqtt import mosquitto_binary
-from bench.pki import PKI
-from service.notify import notify_topic
+from testbed.clients import echo_roundtrips, http_get
+from testbed.harness import Stack, free_port
+from testbed.mqtt import mosquitto_binary
+from testbed.pki import PKI
 
 pytestmark = pytest.mark.skipif(
     mosquitto_binary() is None, reason="mosquitto is not installed (Debian package 'mosquitto')"

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from bench.clients import echo_roundtrips, echo_transfer, http_get, recv_exactly, wait_closed
-from bench.harness import Stack, Tunnel, free_port, peak_rss_kib
+from testbed.clients import echo_roundtrips, echo_transfer, http_get, recv_exactly, wait_closed
+from testbed.harness import Stack, Tunnel, free_port, peak_rss_kib
 
 MiB = 1 << 20
 

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 
-from bench.pki import PKI
 from proxy import __version__
 from proxy.config import (
     CliExit,
@@ -29,6 +28,7 @@ from proxy.config import (
     read_mapping_file,
 )
 from proxy.errors import ConfigError
+from testbed.pki import PKI
 
 REPO = Path(__file__).resolve().parents[2]
 TOKEN = "AQGAAXiNsecretTOKENvalue/with+base64=chars"

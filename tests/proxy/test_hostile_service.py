@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 from hostile_service import Behaviour, HostileService, Listener
 
-from bench.harness import Proc, Stack, Tunnel
-from bench.pki import PKI
+from testbed.harness import Proc, Stack, Tunnel
+from testbed.pki import PKI
 
 EXIT_CONFIG, EXIT_REFUSED, EXIT_NETWORK = 2, 3, 4
 ROLES = ("src", "dst")

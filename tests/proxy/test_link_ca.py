@@ -20,10 +20,10 @@ from websockets.datastructures import Headers
 from websockets.exceptions import InvalidStatus
 from websockets.http11 import Response
 
-from bench.pki import PKI
 from proxy.errors import ConnectFailed, HandshakeRefused
 from proxy.io.link import map_exceptions, ssl_context
 from proxy.tls import CAError
+from testbed.pki import PKI
 
 pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="needs openssl(1)")
 

@@ -18,11 +18,11 @@ from typing import Any
 
 import pytest
 
-from bench.fake_service import FakeService
 from proxy.config import ProxySettings, load
 from proxy.io.local import LocalConnection
 from proxy.io.tunnel import EXIT_CONFIG, Tunnel
 from proxy.protocol.messages import Message, MessageType
+from testbed.fake_service import FakeService
 
 T = MessageType
 TOKEN = "t" * 40

@@ -15,8 +15,6 @@ from collections.abc import Coroutine, Mapping
 from concurrent.futures import Future
 from typing import Any, TypeVar
 
-from bench.awsapi import REGION, TEST_KEY_ID, TEST_SECRET
-from bench.pki import PKI
 from service.api import MAX_BODY, ManagementApi
 from service.clock import Clock, SystemClock
 from service.control import ControlPlane, ControlSettings
@@ -26,6 +24,8 @@ from service.registry import TunnelRegistry
 from service.server import TunnelService
 from service.sigv4 import SigV4Verifier
 from service.throttle import DEFAULT_THROTTLE, ThrottleSettings
+from testbed.awsapi import REGION, TEST_KEY_ID, TEST_SECRET
+from testbed.pki import PKI
 
 T = TypeVar("T")
 

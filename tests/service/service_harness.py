@@ -16,11 +16,11 @@ import pytest
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import InvalidStatus
 
-from bench.pki import PKI
 from proxy.protocol.framing import Decoder, encode
 from proxy.protocol.messages import Message
 from service.registry import Mode, TunnelRegistry
 from service.server import TunnelService
+from testbed.pki import PKI
 
 V1 = "aws.iot.securetunneling-1.0"
 V2 = "aws.iot.securetunneling-2.0"

@@ -19,12 +19,12 @@ from botocore.exceptions import ClientError
 from service_harness import V3
 from websockets.asyncio.client import connect
 
-from bench.awsapi import TEST_KEY_ID, TEST_SECRET
-from bench.pki import PKI
 from service.api import ManagementApi
 from service.clock import ManualClock
 from service.control import ControlPlane, ControlSettings, Limits
 from service.registry import TunnelRegistry
+from testbed.awsapi import TEST_KEY_ID, TEST_SECRET
+from testbed.pki import PKI
 
 TARGET = "IoTSecuredTunneling."
 

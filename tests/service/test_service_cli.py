@@ -16,7 +16,6 @@ import pytest
 from service_harness import CLIENT_LOGGER, TOKENS, V3, Harness
 from websockets.asyncio.client import connect
 
-from bench.pki import PKI
 from proxy import __version__
 from proxy.protocol.framing import Decoder
 from proxy.protocol.messages import Message
@@ -24,6 +23,7 @@ from proxy.protocol.messages import MessageType as T
 from service.cli import main
 from service.config import ConfigError, load_tunnels, tls_context
 from service.registry import Mode, TunnelRegistry
+from testbed.pki import PKI
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "config" / "service.example.json"

@@ -25,9 +25,9 @@ from api_harness import PROTOCOL_ERRORS, ThreadedApi, check_value
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from bench.awsapi import REGION, TEST_KEY_ID, TEST_SECRET
-from bench.pki import PKI
 from service.control import ControlSettings, Limits
+from testbed.awsapi import REGION, TEST_KEY_ID, TEST_SECRET
+from testbed.pki import PKI
 
 settings.register_profile(
     "iotunnel-service-api",

@@ -30,12 +30,12 @@ from service_harness import V1, V2, V3, Harness, Peer
 from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed
 
-from bench.pki import PKI
 from proxy.protocol.errors import RemoteProtocolError
 from proxy.protocol.framing import MAX_WS_MESSAGE, Decoder, encode
 from proxy.protocol.messages import MAX_PAYLOAD, Message
 from proxy.protocol.messages import MessageType as T
 from service.registry import Mode
+from testbed.pki import PKI
 
 settings.register_profile(
     "iotunnel-service-tunnel",

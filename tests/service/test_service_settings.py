@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from bench.harness import Stack
-from bench.pki import PKI
 from service.cli import build_parser, main, parse_args
+from testbed.harness import Stack
+from testbed.pki import PKI
 
 ROOT = Path(__file__).resolve().parents[2]
 SHIPPED = ROOT / "config" / "service.ini"

@@ -35,11 +35,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench.clients import http_get
-from bench.harness import HarnessError, Stack, agent_ini
-from bench.mqtt import mosquitto_binary
-from bench.pki import PKI
-from bench.sshd import SshSetup, ssh_command, sshd_binary
+from testbed.clients import http_get
+from testbed.harness import HarnessError, Stack, agent_ini
+from testbed.mqtt import mosquitto_binary
+from testbed.pki import PKI
+from testbed.sshd import SshSetup, ssh_command, sshd_binary
 
 MiB = 1 << 20
 THING = "demo-thing"
@@ -451,7 +451,7 @@ def run(workdir: Path, *, ports: dict[str, int] | None = None) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.demo", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m demo", description=__doc__)
     parser.add_argument("--workdir", type=Path, default=Path(".demo"))
     args = parser.parse_args(argv)
     try:

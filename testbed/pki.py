@@ -7,7 +7,7 @@ Built with ``cryptography`` (EC P-256 keys, fast to make). Files are PEM, keys u
     pki.client_context()            # ssl.SSLContext that trusts the CA
     pki.issue_client("thing-1")     # CertPair signed by the CA, for mutual TLS (MQTT)
 
-From a shell, ``python -m bench.pki DIR [--client NAME ...]`` makes one and says what is in it.
+From a shell, ``python -m testbed.pki DIR [--client NAME ...]`` makes one and says what is in it.
 """
 
 from __future__ import annotations
@@ -207,9 +207,9 @@ def _issue(
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m bench.pki DIR``: make a throw-away PKI and list what it made."""
+    """``python -m testbed.pki DIR``: make a throw-away PKI and list what it made."""
     parser = argparse.ArgumentParser(
-        prog="python -m bench.pki",
+        prog="python -m testbed.pki",
         description="Make a throw-away CA, a server certificate for localhost, 127.0.0.1 and "
         f"::1, and client certificates, valid for {_VALIDITY.days} days (for trying iotunnel "
         "out on one machine, never for production).",

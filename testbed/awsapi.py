@@ -26,9 +26,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Self
 
-from bench.harness import Proc, Stack
-from bench.mqtt import Publisher
-from bench.pki import PKI, CertPair
+from testbed.harness import Proc, Stack
+from testbed.mqtt import Publisher
+from testbed.pki import PKI, CertPair
 
 #: Throw-away credentials that the service is told to accept (never real ones).
 TEST_KEY_ID = "AKIAIOTUNNELTEST0001"
