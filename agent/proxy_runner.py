@@ -156,12 +156,11 @@ class _StatusReader(asyncio.Protocol):
         self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
     def data_received(self, data: bytes) -> None:
-        oversized = self._lines.oversized
-        lines = self._lines.feed(data)
-        if self._lines.oversized != oversized:
-            self._complain("a line longer than the limit")
-        for line in lines:
-            self._line(line)
+        for line in self._lines.feed(data):
+            if line is None:
+                self._complain("a line longer than the limit")
+            else:
+                self._line(line)
 
     def _line(self, line: bytes) -> None:
         child = self._child

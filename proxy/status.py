@@ -62,9 +62,8 @@ __all__ = [
 ENV_STATUS_FD = "IOTUNNEL_STATUS_FD"
 #: The longest line, newline included (Linux's PIPE_BUF: a write this size is atomic).
 MAX_LINE = 4096
-#: Strings in an event are cut to this many characters; lists to this many items.
-_MAX_TEXT = 512
-_MAX_ITEMS = 16
+#: (characters a string keeps, items a list keeps), tried in turn until the line fits.
+_CUTS = ((512, 16), (64, 16), (16, 8))
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,19 +133,26 @@ class StatusError(ValueError):
     """A line that is not a status event; the text never quotes the line."""
 
 
-def _text(value: str) -> str:
-    return value if len(value) <= _MAX_TEXT else value[: _MAX_TEXT - 3] + "..."
-
-
 def encode(event: Event, *, dropped: int = 0) -> bytes:
     """One line of JSON, newline included, at most :data:`MAX_LINE` bytes (long texts are cut)."""
+    for chars, items in _CUTS:
+        line = _encode(event, dropped, chars, items)
+        if len(line) <= MAX_LINE:
+            return line
+    raise AssertionError("the last cut keeps every event under PIPE_BUF")  # pragma: no cover
+
+
+def _encode(event: Event, dropped: int, chars: int, items: int) -> bytes:
+    def _text(value: str) -> str:
+        return value if len(value) <= chars else value[: chars - 3] + "..."
+
     body: dict[str, Any] = {"event": _NAMES[type(event)]}
     match event:
         case Connected(protocol=protocol, channel_id=channel):
             body["protocol"] = protocol
             body["channel_id"] = None if channel is None else _text(channel)
         case Services(service_ids=ids):
-            body["service_ids"] = [_text(i) for i in ids[:_MAX_ITEMS]]
+            body["service_ids"] = [_text(i) for i in ids[:items]]
         case Opened(service_id=service, connection=conn):
             body |= {"service_id": _text(service), "connection": _text(conn)}
         case Closed():
@@ -164,9 +170,7 @@ def encode(event: Event, *, dropped: int = 0) -> bytes:
             body |= {"code": code, "reason": _text(reason)}
     if dropped:
         body["dropped"] = dropped
-    line = json.dumps(body, ensure_ascii=True, separators=(",", ":")).encode() + b"\n"
-    assert len(line) <= MAX_LINE, "the bounds above keep every event under PIPE_BUF"
-    return line
+    return json.dumps(body, ensure_ascii=True, separators=(",", ":")).encode() + b"\n"
 
 
 def _field(body: Mapping[str, Any], name: str, kind: type[Any]) -> Any:
@@ -231,8 +235,8 @@ def decode(line: bytes) -> tuple[Event | None, int]:
 class LineSplitter:
     """Cuts a byte stream into lines of at most :data:`MAX_LINE` bytes.
 
-    A longer line is skipped up to its newline and counted in :attr:`oversized`; memory stays
-    bounded whatever the stream holds.
+    A longer line is skipped up to its newline, counted in :attr:`oversized` and stands as
+    ``None`` among the lines; memory stays bounded whatever the stream holds.
     """
 
     def __init__(self, limit: int = MAX_LINE) -> None:
@@ -241,9 +245,9 @@ class LineSplitter:
         self._skipping = False
         self.oversized = 0
 
-    def feed(self, data: bytes) -> list[bytes]:
+    def feed(self, data: bytes) -> list[bytes | None]:
         """The complete lines in ``data`` and what came before it, without their newlines."""
-        lines: list[bytes] = []
+        lines: list[bytes | None] = []
         self._buffer += data
         while True:
             end = self._buffer.find(b"\n")
@@ -251,6 +255,7 @@ class LineSplitter:
                 if len(self._buffer) >= self._limit:
                     if not self._skipping:
                         self.oversized += 1
+                        lines.append(None)
                     self._skipping = True
                     self._buffer.clear()
                 return lines
@@ -260,6 +265,7 @@ class LineSplitter:
                 self._skipping = False
             elif len(line) >= self._limit:
                 self.oversized += 1
+                lines.append(None)
             else:
                 lines.append(line)
 
