@@ -270,8 +270,10 @@ class ProxyChild:
             self.stop()
         reader = _StatusReader(self)
         pipe = os.fdopen(read_end, "rb", buffering=0)  # the transport closes it
-        transport, _ = await asyncio.get_running_loop().connect_read_pipe(lambda: reader, pipe)
+        transport: asyncio.ReadTransport | None = None
         try:
+            loop = asyncio.get_running_loop()
+            transport, _ = await loop.connect_read_pipe(lambda: reader, pipe)
             assert self._process.stdout is not None
             await self._relay(self._process.stdout)
             code = await self._process.wait()
@@ -280,7 +282,10 @@ class ProxyChild:
                 async with asyncio.timeout(5):
                     await reader.done
         finally:
-            transport.close()
+            if transport is None:
+                pipe.close()
+            else:
+                transport.close()
             if self._process.returncode is None:  # cancelled: do not leave it behind
                 with contextlib.suppress(ProcessLookupError):
                     self._process.kill()

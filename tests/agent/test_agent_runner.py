@@ -132,7 +132,9 @@ os.write(status, {encode(Opened("A", "A/2/1"))!r})
 os.write(status, {encode(Closed("A", "A/2/1", 1, 2, 0.5, "peer"))!r})
 os.write(status, b'{{"event": "future", "detail": 1}}\\n')  # a newer proxy's: ignored
 os.write(status, b"not json\\n" + b"x" * 10000 + b"\\n" + b"[1]\\n")  # ignored, one warning
-os.write(status, {encode(Opened("A", "A/3/1"))!r})
+os.write(status, {encode(Opened("A", "A/3/1"), dropped=2)!r})
+os.write(status, {encode(Closed("A", "A/3/1", 0, 0, 0.1, "peer"), dropped=3)!r})
+os.write(status, {encode(Opened("A", "A/4/1"), dropped=3)!r})
 print("2025-01-01 10:00:00,002 ERROR proxy: internal error")
 print("Traceback (most recent call last):")
 print("2025-01-01 10:00:00,003 WARNING proxy: giving up", flush=True)
@@ -151,7 +153,7 @@ def test_output_is_relogged_tagged_at_the_proxy_level(caplog: pytest.LogCaptureF
     relayed = [
         (r.levelno, r.getMessage(), getattr(r, "tunnel", None))
         for r in caplog.records
-        if r.name == "agent.proxy" and "status channel" not in r.getMessage()
+        if r.name == "agent.proxy" and "status" not in r.getMessage()
     ]
     assert relayed[0][0] == logging.INFO
     assert relayed[0][1].startswith("started a destination proxy, pid ")
@@ -163,7 +165,9 @@ def test_output_is_relogged_tagged_at_the_proxy_level(caplog: pytest.LogCaptureF
         (logging.WARNING, "proxy: giving up", "t7"),
     ]
     # Streams counted from the status channel (not from the debug line), cleared at the end.
-    assert changes == [1, 2, 1, 2, 0]
+    assert changes == [1, 2, 1, 2, 1, 2, 0]
+    assert child.status.dropped == 3
+    assert caplog.text.count("the proxy dropped status events") == 1
     complaints = [
         (r.levelno, r.getMessage().removeprefix("ignoring a line on the proxy's status channel: "))
         for r in caplog.records
