@@ -273,7 +273,7 @@ class Agent:
     def summary(self) -> str:
         """The one-line status: connection, tunnels, streams."""
         tunnels = self.supervisor.active
-        streams = sum(len(child.streams) for child in self.children.values())
+        streams = sum(child.status.streams for child in self.children.values())
         return (
             f"MQTT {self.connection}; {tunnels} tunnel{'' if tunnels == 1 else 's'}, "
             f"{streams} stream{'' if streams == 1 else 's'}"

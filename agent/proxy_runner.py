@@ -5,7 +5,12 @@ with a tunnel endpoint override), started with :func:`asyncio.create_subprocess_
 is not fork-safe, and a spawned child runs no code of the parent. The access token and the
 client token reach it through its environment only, never its command line; the systemd
 variables do not reach it at all. Its stdout and stderr are read line by line and re-logged,
-tagged with the tunnel's tag, at the level the proxy gave each line.
+tagged with the tunnel's tag, at the level the proxy gave each line; its verbosity follows the
+agent's ``log_level``.
+
+What the agent knows of a child's state (connected, its services, its open connections) comes
+from the child's status channel (:mod:`proxy.status`): a pipe whose write end the child
+inherits, named by ``IOTUNNEL_STATUS_FD``, carrying JSON lines. Never from its log lines.
 """
 
 from __future__ import annotations
@@ -14,7 +19,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import re
 import sys
 import time
 from collections.abc import Callable, Mapping
@@ -25,13 +29,26 @@ from agent.logs import parse_proxy_line, tagged
 from agent.notify import Notification
 from agent.systemd import ENV_VARIABLES
 from proxy.config import ENV_ACCESS_TOKEN, ENV_CLIENT_TOKEN, Secret
+from proxy.status import (
+    ENV_STATUS_FD,
+    Closed,
+    Connected,
+    Event,
+    Exited,
+    LineSplitter,
+    Opened,
+    Reconnecting,
+    Services,
+    StatusError,
+    decode,
+)
 
-__all__ = ["ProxyChild", "StreamCounter", "child_argv", "child_environment"]
+__all__ = ["ChildStatus", "ProxyChild", "child_argv", "child_environment", "child_verbosity"]
 
 log = logging.getLogger("agent.proxy")
 
-#: The proxy's verbosity: debug, so that connection opens and closes can be counted.
-_CHILD_VERBOSITY = "5"
+#: The proxy's ``-v`` for the agent's ``log_level``.
+_VERBOSITY = {logging.DEBUG: "5", logging.INFO: "4", logging.WARNING: "3", logging.ERROR: "2"}
 #: Where the ``proxy`` package the agent runs lives; the child runs the same one.
 _PROJECT_ROOT = str(Path(__file__).resolve().parent.parent)
 _LINE_LIMIT = 64 * 1024
@@ -46,7 +63,15 @@ def child_argv(settings: AgentSettings, notification: Notification) -> list[str]
             argv += ["-c", str(settings.tunnel_ca)]
     else:
         argv += ["-r", notification.region]
-    return [*argv, "-v", _CHILD_VERBOSITY]
+    return [*argv, "-v", child_verbosity(settings.log_level)]
+
+
+def child_verbosity(level: int) -> str:
+    """The proxy's ``-v`` that logs what the agent's ``level`` lets through."""
+    for at_least, verbosity in sorted(_VERBOSITY.items()):
+        if level <= at_least:
+            return verbosity
+    return "2"
 
 
 def child_environment(
@@ -66,31 +91,118 @@ def child_environment(
     return env
 
 
-class StreamCounter:
-    """Counts the local connections a proxy has open, from its debug log lines."""
-
-    _OPENED = re.compile(r"proxy: connection (\S+): connected to the local service")
-    _CLOSED = re.compile(r"proxy: connection (\S+) closed (?:by the peer|locally)")
-    _RESET = re.compile(
-        r"proxy: (?:lost the connection to the tunnel service|the tunnel service closed)"
-    )
+class ChildStatus:
+    """A child's state as its status channel tells it: connection, services, open streams."""
 
     def __init__(self) -> None:
-        self._open: set[str] = set()
+        self.connected = False
+        self.protocol: int | None = None
+        self.channel_id: str | None = None
+        self.services: tuple[str, ...] = ()
+        #: Open connections: connection id -> service ID.
+        self.open: dict[str, str] = {}
+        self.reconnect_reason: str | None = None
+        self.exit: Exited | None = None
+        #: Events the child reported having dropped (a full pipe).
+        self.dropped = 0
+        #: Bytes carried by the connections that closed: tunnel -> local, local -> tunnel.
+        self.bytes_in = 0
+        self.bytes_out = 0
 
-    def __len__(self) -> int:
-        return len(self._open)
+    @property
+    def streams(self) -> int:
+        """The number of open connections."""
+        return len(self.open)
 
-    def feed(self, text: str) -> bool:
-        """Take one line's text; True when the count changed."""
-        before = len(self._open)
-        if match := self._OPENED.match(text):
-            self._open.add(match[1])
-        elif match := self._CLOSED.match(text):
-            self._open.discard(match[1])
-        elif self._RESET.match(text):
-            self._open.clear()
-        return len(self._open) != before
+    def apply(self, event: Event) -> bool:
+        """Take one event; True when the number of open connections changed."""
+        before = len(self.open)
+        match event:
+            case Connected(protocol=protocol, channel_id=channel):
+                self.connected, self.protocol, self.channel_id = True, protocol, channel
+                self.open.clear()
+            case Services(service_ids=ids):
+                self.services = ids
+            case Opened(service_id=service, connection=conn):
+                self.open[conn] = service
+            case Closed(connection=conn):
+                self.open.pop(conn, None)
+                self.bytes_in += event.bytes_in
+                self.bytes_out += event.bytes_out
+            case Reconnecting(reason=reason):
+                self.connected, self.reconnect_reason = False, reason
+                self.open.clear()
+            case Exited():
+                self.connected, self.exit = False, event
+                self.open.clear()
+        return len(self.open) != before
+
+    def ended(self) -> bool:
+        """The process is gone: nothing of it is open any more; True when that changed the
+        number of open connections."""
+        before = len(self.open)
+        self.connected = False
+        self.open.clear()
+        return before != 0
+
+
+class _StatusReader(asyncio.Protocol):
+    """Reads a child's status pipe: lines to events to :class:`ChildStatus`, as they come."""
+
+    def __init__(self, child: ProxyChild) -> None:
+        self._child = child
+        self._lines = LineSplitter()
+        self._complained = False
+        self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def data_received(self, data: bytes) -> None:
+        for line in self._lines.feed(data):
+            if line is None:
+                self._complain("a line longer than the limit")
+            else:
+                self._line(line)
+
+    def _line(self, line: bytes) -> None:
+        child = self._child
+        try:
+            event, dropped = decode(line)
+        except StatusError as exc:
+            self._complain(str(exc))
+            return
+        if dropped > child.status.dropped:
+            if not child.status.dropped:
+                log.warning(
+                    "the proxy dropped status events (its pipe was full): "
+                    "the stream count may be off until it reconnects",
+                    extra=tagged(child.tag),
+                )
+            child.status.dropped = dropped
+        if event is None:  # a newer proxy's event: nothing to learn from it here
+            return
+        if isinstance(event, Exited):
+            log.debug(
+                "the proxy reports its exit: %s (exit code %d)",
+                event.reason,
+                event.code,
+                extra=tagged(child.tag),
+            )
+        if child.status.apply(event):
+            child.changed()
+
+    def _complain(self, problem: str) -> None:
+        """One warning per child; later bad lines only at debug level."""
+        level = logging.DEBUG if self._complained else logging.WARNING
+        self._complained = True
+        log.log(
+            level,
+            "ignoring a line on the proxy's status channel: %s",
+            problem,
+            extra=tagged(self._child.tag),
+        )
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.done.done():
+            self.done.set_result(None)
 
 
 class ProxyChild:
@@ -121,7 +233,8 @@ class ProxyChild:
         self._process: asyncio.subprocess.Process | None = None
         self._kill_timer: asyncio.TimerHandle | None = None
         self._stop_requested = False
-        self.streams = StreamCounter()
+        #: What the child's status channel reported.
+        self.status = ChildStatus()
 
     @property
     def pid(self) -> int | None:
@@ -134,37 +247,58 @@ class ProxyChild:
         A process that cannot be started counts as exit code 1 (a crash).
         """
         started = time.monotonic()
+        read_end, write_end = os.pipe()
         try:
             self._process = await asyncio.create_subprocess_exec(
                 *self._argv,
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.STDOUT,
-                env=self._env,
+                env={**self._env, ENV_STATUS_FD: str(write_end)},
+                pass_fds=(write_end,),
                 cwd="/",
                 limit=_LINE_LIMIT,
             )
         except OSError as exc:
+            os.close(read_end)
             log.error("cannot start the proxy: %s", exc, extra=tagged(self.tag))
             return 1, 0.0
+        finally:
+            os.close(write_end)  # the child's copy is the only one: its exit ends the pipe
         log.info("started a destination proxy, pid %d", self._process.pid, extra=tagged(self.tag))
         if self._stop_requested:
             self.stop()
+        reader = _StatusReader(self)
+        pipe = os.fdopen(read_end, "rb", buffering=0)  # the transport closes it
+        transport: asyncio.ReadTransport | None = None
         try:
+            loop = asyncio.get_running_loop()
+            transport, _ = await loop.connect_read_pipe(lambda: reader, pipe)
             assert self._process.stdout is not None
             await self._relay(self._process.stdout)
             code = await self._process.wait()
+            # The pipe ends with the child (unless a grandchild holds it: then do not wait).
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(5):
+                    await reader.done
         finally:
+            if transport is None:
+                pipe.close()
+            else:
+                transport.close()
             if self._process.returncode is None:  # cancelled: do not leave it behind
                 with contextlib.suppress(ProcessLookupError):
                     self._process.kill()
                 await self._process.wait()
             if self._kill_timer is not None:
                 self._kill_timer.cancel()
-        if len(self.streams):
-            self.streams.feed("proxy: lost the connection to the tunnel service")
+        if self.status.ended():
             self._on_streams()
         return code, time.monotonic() - started
+
+    def changed(self) -> None:
+        """The number of open connections changed."""
+        self._on_streams()
 
     async def _relay(self, stream: asyncio.StreamReader) -> None:
         level = logging.INFO
@@ -181,8 +315,6 @@ class ProxyChild:
             parsed, text = parse_proxy_line(line)
             if parsed is not None:
                 level = parsed  # a line without a level continues the record before it
-                if self.streams.feed(text):
-                    self._on_streams()
             if log.isEnabledFor(level):
                 log.log(level, "%s", text, extra=tagged(self.tag))
 

@@ -7,9 +7,14 @@ that no child process inherits them and speaks for the agent. Without ``NOTIFY_S
 method is a no-op. Sending never blocks the event loop: a datagram that cannot go at once is
 dropped.
 
-Why not the ``sdnotify`` package: it reads ``os.environ`` itself and leaves the variables
-for the children, it cannot tell the caller whether a message went out, and it has no notion
-of the watchdog period.
+Why not the ``sdnotify`` package (0.3.2, its latest release): PyPI has no wheel of it, only a
+source archive whose ``setup.py`` imports ``distutils``, and the .deb vendors hash-pinned wheels
+only (packaging/lock.py), so it could not ship without building it at package time with an
+unpinned build backend. Its socket is blocking, so a notification queue that systemd does not
+drain would stall the event loop that the watchdog pings are meant to vouch for; when
+``NOTIFY_SOCKET`` is unset it leaves an unclosed socket behind (a ``ResourceWarning``); and it
+swallows every exception with a bare ``except:``. What it does, one ``sendto`` on an
+``AF_UNIX`` datagram socket with ``@`` read as the abstract namespace, is the few lines below.
 """
 
 from __future__ import annotations

@@ -18,6 +18,7 @@ from proxy.config import ProxySettings
 from proxy.io.memory import tune_allocator
 from proxy.io.tunnel import Tunnel
 from proxy.logs import configure, register_secrets
+from proxy.status import Exited, StatusWriter
 
 log = logging.getLogger("proxy")
 
@@ -45,12 +46,19 @@ def run(settings: ProxySettings) -> int:
             "and anyone on the network path can read the access token and the traffic; "
             "use -k for development and testing only"
         )
+    status, problem = StatusWriter.from_environ(os.environ)
+    if problem is not None:
+        log.warning("%s", problem)
     tune_allocator()
+    why: list[str] = []
     try:
-        return _event_loop_runner()(_main(settings))
+        code = _event_loop_runner()(_main(settings, status, why))
     except Exception:
         log.exception("internal error")
-        return EXIT_INTERNAL
+        code, why[:] = EXIT_INTERNAL, ["internal error"]
+    status.emit(Exited(code, why[0] if why else f"exit code {code}"))
+    status.close()
+    return code
 
 
 def _event_loop_runner() -> Callable[[Coroutine[Any, Any, int]], int]:
@@ -69,7 +77,8 @@ def _event_loop_runner() -> Callable[[Coroutine[Any, Any, int]], int]:
     return asyncio.run
 
 
-async def _main(settings: ProxySettings) -> int:
+async def _main(settings: ProxySettings, status: StatusWriter, why: list[str]) -> int:
+    """Run the tunnel; appends to ``why`` the reason it ended."""
     loop = asyncio.get_running_loop()
     task = asyncio.current_task()
     assert task is not None
@@ -86,10 +95,14 @@ async def _main(settings: ProxySettings) -> int:
     log.info(
         "starting in %s mode (event loop: %s)", settings.mode.value, type(loop).__module__
     )
+    tunnel = Tunnel(settings, status)
     try:
-        return await Tunnel(settings).run()
+        code = await tunnel.run()
+        why.append(tunnel.exit_reason)
+        return code
     except asyncio.CancelledError:
         if received:
+            why.append(f"received {received[0].name}")
             return _SIGNAL_EXIT[received[0]]
         raise
     finally:

@@ -54,6 +54,11 @@ class LocalConnection(asyncio.Protocol):
         self._writable.set()
         self._read_paused = False
         self._close_when_connected = False
+        #: Bytes read from the local peer and bytes queued for it (the status channel's counts).
+        self.bytes_read = 0
+        self.bytes_written = 0
+        #: When the tunnel reported it open (loop time), or None: not reported, or reported closed.
+        self.opened_at: float | None = None
 
     def __repr__(self) -> str:
         return f"LocalConnection({self.ref})"
@@ -82,6 +87,7 @@ class LocalConnection(asyncio.Protocol):
             self.owner.local_connected(self)
 
     def data_received(self, data: bytes) -> None:
+        self.bytes_read += len(data)
         if not self.closed:
             self.owner.local_data(self, data)
 
@@ -106,6 +112,7 @@ class LocalConnection(asyncio.Protocol):
         """Queue ``data`` for the local peer (held until connected on a destination)."""
         if self.closed and self.transport is None:
             return
+        self.bytes_written += len(data)
         if self.transport is None:
             self._pending.append(data)
             self._pending_size += len(data)

@@ -49,6 +49,7 @@ from proxy.protocol.actions import (
 )
 from proxy.protocol.session import Role, TunnelSession
 from proxy.retry import backoff, is_retryable
+from proxy.status import Closed, Connected, Opened, Reconnecting, Services, StatusWriter
 
 log = logging.getLogger("proxy")
 
@@ -86,8 +87,12 @@ class _Listener:
 class Tunnel:
     """A running proxy: one tunnel, either role."""
 
-    def __init__(self, settings: ProxySettings) -> None:
+    def __init__(self, settings: ProxySettings, status: StatusWriter | None = None) -> None:
         self.settings = settings
+        #: Where the tunnel reports its state to a supervisor (proxy/status.py).
+        self.status = status or StatusWriter(None)
+        #: Why the run ended, for the status channel's exit event.
+        self.exit_reason = ""
         self.tuning = settings.tuning
         role = Role.SOURCE if settings.mode is Mode.SOURCE else Role.DESTINATION
         self.session = TunnelSession(role, version=settings.peer_version)
@@ -129,6 +134,7 @@ class Tunnel:
             return exc.code
         except ConfigError as exc:
             log.error("%s", exc)
+            self.exit_reason = str(exc)
             return EXIT_CONFIG
         finally:
             await self._shutdown()
@@ -153,22 +159,28 @@ class Tunnel:
             except TransportError as exc:
                 if not is_retryable(exc):
                     log.error("%s; not retrying", exc)
+                    self.exit_reason = str(exc)
                     return EXIT_REFUSED
                 failures += 1
                 if 0 <= t.reconnect_attempts < failures:
                     log.error("%s; giving up after %d attempts", exc, failures)
+                    self.exit_reason = f"{exc}; gave up after {failures} attempts"
                     return EXIT_NETWORK
                 delay = next(delays)
                 log.warning("%s; retrying in %.1f s", exc, delay)
+                self.status.emit(Reconnecting(str(exc), delay))
                 await asyncio.sleep(delay)
                 continue
             connected = clock()
+            channel = ws.response.headers.get("channel-id") if ws.response else None
+            self.status.emit(Connected(version, channel))
             try:
                 closed = await self._serve(ws, version)
             finally:
                 self.ws = None
                 self._drop_session()
             if closed:
+                self.exit_reason = "the tunnel service closed the tunnel"
                 return EXIT_CLOSED
             lasted = clock() - connected
             if lasted >= t.reconnect_reset_after:
@@ -184,6 +196,7 @@ class Tunnel:
                         close_cause(ws, secrets),
                         failures,
                     )
+                    self.exit_reason = f"the tunnel service dropped {failures} connections"
                     return EXIT_NETWORK
             delay = next(delays)
             log.warning(
@@ -192,6 +205,8 @@ class Tunnel:
                 close_cause(ws, secrets),
                 delay,
             )
+            lost = f"lost the connection after {lasted:.1f} s{close_cause(ws, secrets)}"
+            self.status.emit(Reconnecting(lost, delay))
             await asyncio.sleep(delay)
 
     async def _shutdown(self) -> None:
@@ -201,6 +216,7 @@ class Tunnel:
         for listener in listeners:
             listener.server.close()
         for conn in list(self.conns.values()):
+            self._report_closed(conn, "reset")
             conn.reset()
         self.conns.clear()
         if self.ws is not None:
@@ -220,6 +236,7 @@ class Tunnel:
         self._carry_out()
         self.scheduler.clear()
         for conn in list(self.conns.values()):
+            self._report_closed(conn, "reset")
             conn.reset()
         self.conns.clear()
         self._congested.clear()
@@ -320,9 +337,11 @@ class Tunnel:
                         self.scheduler.discard(conn)
                         if reset:  # the session ended: data in flight is lost
                             log.debug("connection %s reset: the tunnel session ended", ref)
+                            self._report_closed(conn, "reset")
                             conn.reset()
                         else:  # the peer's end closed (we cannot tell a clean close apart)
                             log.debug("connection %s closed by the peer", ref)
+                            self._report_closed(conn, "peer")
                             conn.close()
                 case OpenLocal(conn=ref):
                     self._open_local(ref)
@@ -338,6 +357,7 @@ class Tunnel:
     def _on_services(self, ids: tuple[str, ...] | None) -> None:
         if ids is not None:
             log.info("the tunnel carries services: %s", names(ids) or "(none)")
+            self.status.emit(Services(ids))
         mappings = self.settings.mappings
         if self.session.role is Role.SOURCE:
             plan = plan_source(mappings, ids)
@@ -360,6 +380,7 @@ class Tunnel:
 
     def _fail_config(self, text: str) -> None:
         log.error("%s", text)
+        self.exit_reason = text
         raise _Exit(EXIT_CONFIG)
 
     async def _bind_mapped(self) -> None:
@@ -432,6 +453,7 @@ class Tunnel:
     def local_connected(self, conn: LocalConnection) -> None:
         if conn.ref is not None:  # a destination connect completed
             log.debug("connection %s: connected to the local service", conn.ref)
+            self._report_opened(conn)
             return
         service_id = conn.service_id
         if self.ws is None:
@@ -454,6 +476,7 @@ class Tunnel:
             self.scheduler.push_frame(conn, frame)
         self._carry_out()
         log.debug("connection %s opened", ref)
+        self._report_opened(conn)
 
     def local_data(self, conn: LocalConnection, data: bytes) -> None:
         # Framed when sent, at the size the link allows then (scheduler.py).
@@ -465,11 +488,28 @@ class Tunnel:
         if ref is None:
             return
         self.conns.pop(ref, None)
+        self._report_closed(conn, "local")
         if self.session.is_open(ref):
             log.debug("connection %s closed locally", ref)
             self.session.connection_closed(ref)
             for frame in self.session.data_to_send():
                 self.scheduler.push_frame(conn, frame)
+
+    def _report_opened(self, conn: LocalConnection) -> None:
+        if conn.ref is not None and conn.opened_at is None:
+            conn.opened_at = asyncio.get_running_loop().time()
+            self.status.emit(Opened(conn.ref.service_id, str(conn.ref)))
+
+    def _report_closed(self, conn: LocalConnection, how: str) -> None:
+        """Report the end of a connection reported open, once."""
+        if conn.ref is None or conn.opened_at is None:
+            return
+        duration = asyncio.get_running_loop().time() - conn.opened_at
+        conn.opened_at = None
+        ref = conn.ref
+        self.status.emit(
+            Closed(ref.service_id, str(ref), conn.bytes_written, conn.bytes_read, duration, how)
+        )
 
     def _open_local(self, ref: ConnectionRef) -> None:
         endpoint = destination_endpoint(self.settings.mappings, self._plan, ref.service_id)

@@ -12,14 +12,23 @@ import pytest
 
 from agent.config import AgentSettings
 from agent.notify import Notification
-from agent.proxy_runner import ProxyChild, StreamCounter, child_argv, child_environment
+from agent.proxy_runner import (
+    ChildStatus,
+    ProxyChild,
+    child_argv,
+    child_environment,
+    child_verbosity,
+)
 from proxy.config import Secret
+from proxy.status import Closed, Connected, Exited, Opened, Reconnecting, Services, encode
 
 TOKEN = Secret("destination-token-value")
 CLIENT = Secret("c" * 64)
 
 
-def settings(tunnel_endpoint: str | None = None, tunnel_ca: Path | None = None) -> AgentSettings:
+def settings(
+    tunnel_endpoint: str | None = None, tunnel_ca: Path | None = None, level: int = logging.INFO
+) -> AgentSettings:
     return AgentSettings(
         endpoint="broker",
         port=8883,
@@ -32,7 +41,7 @@ def settings(tunnel_endpoint: str | None = None, tunnel_ca: Path | None = None) 
         tunnel_endpoint=tunnel_endpoint,
         tunnel_ca=tunnel_ca,
         max_tunnels=4,
-        log_level=logging.INFO,
+        log_level=level,
         config_file=None,
     )
 
@@ -44,7 +53,7 @@ def test_argv_uses_the_region_and_never_holds_a_token() -> None:
     argv = child_argv(settings(), NOTE)
     assert argv[:3] == [sys.executable, "-m", "proxy"]
     assert argv[3:] == [
-        "-m", "dst", "--config-dir", "/etc/iotunnel/destination.d", "-r", "eu-west-1", "-v", "5",
+        "-m", "dst", "--config-dir", "/etc/iotunnel/destination.d", "-r", "eu-west-1", "-v", "4",
     ]  # fmt: skip
     assert TOKEN.reveal() not in " ".join(argv)
 
@@ -53,7 +62,7 @@ def test_argv_with_a_tunnel_endpoint_override() -> None:
     argv = child_argv(settings("wss://127.0.0.1:8443", Path("/ca.pem")), NOTE)
     assert argv[5:] == [
         "--config-dir", "/etc/iotunnel/destination.d",
-        "-e", "wss://127.0.0.1:8443", "-c", "/ca.pem", "-v", "5",
+        "-e", "wss://127.0.0.1:8443", "-c", "/ca.pem", "-v", "4",
     ]  # fmt: skip
     assert "-r" not in argv
 
@@ -78,26 +87,57 @@ def test_environment_carries_the_tokens_and_nothing_of_systemd() -> None:
     assert "AWSIOT_TUNNEL_ENDPOINT" not in env
 
 
-def test_stream_counter() -> None:
-    counter = StreamCounter()
-    assert counter.feed("proxy: connection HTTP1/1/1: connected to the local service")
-    assert counter.feed("proxy: connection SSH1/2/1: connected to the local service")
-    assert not counter.feed("proxy: connection SSH1/2/1: cannot connect to 22: refused")
-    assert len(counter) == 2
-    assert counter.feed("proxy: connection HTTP1/1/1 closed locally")
-    assert not counter.feed("proxy: connection HTTP1/1/1 closed by the peer")  # already gone
-    assert len(counter) == 1
-    assert counter.feed("proxy: lost the connection to the tunnel service; reconnecting")
-    assert len(counter) == 0
+@pytest.mark.parametrize(
+    ("level", "verbosity"),
+    [(logging.DEBUG, "5"), (logging.INFO, "4"), (logging.WARNING, "3"), (logging.ERROR, "2")],
+)
+def test_the_child_logs_at_the_agents_level(level: int, verbosity: str) -> None:
+    assert child_verbosity(level) == verbosity
+    argv = child_argv(settings(level=level), NOTE)
+    assert argv[argv.index("-v") + 1] == verbosity
 
 
-FAKE_PROXY = """
-import sys
+def test_child_status_counts_open_connections() -> None:
+    status = ChildStatus()
+    assert not status.apply(Connected(3, "ch-1"))
+    assert (status.connected, status.protocol, status.channel_id) == (True, 3, "ch-1")
+    assert not status.apply(Services(("HTTP1", "SSH1")))
+    assert status.services == ("HTTP1", "SSH1")
+    assert status.apply(Opened("HTTP1", "HTTP1/1/1"))
+    assert status.apply(Opened("SSH1", "SSH1/2/1"))
+    assert status.streams == 2
+    assert status.apply(Closed("HTTP1", "HTTP1/1/1", 10, 20, 1.5, "local"))
+    assert not status.apply(Closed("HTTP1", "HTTP1/1/1", 0, 0, 0.0, "peer"))  # already gone
+    assert (status.streams, status.bytes_in, status.bytes_out) == (1, 10, 20)
+    assert status.apply(Reconnecting("lost the connection", 1.0))
+    assert (status.streams, status.connected) == (0, False)
+    assert status.apply(Opened("SSH1", "SSH1/3/1"))
+    assert status.apply(Connected(3))
+    assert status.streams == 0  # a new connection: nothing of before is open
+    status.apply(Opened("SSH1", "SSH1/4/1"))
+    assert status.ended()
+    assert not status.ended()
+    assert not status.apply(Exited(0, "closed"))
+    assert status.exit == Exited(0, "closed")
+
+
+FAKE_PROXY = f"""
+import os, sys
+status = int(os.environ["IOTUNNEL_STATUS_FD"])
 print("2025-01-01 10:00:00,000 INFO proxy: starting in destination mode")
 print("2025-01-01 10:00:00,001 DEBUG proxy: connection A/1/1: connected to the local service")
+os.write(status, {encode(Connected(3))!r})
+os.write(status, {encode(Opened("A", "A/1/1"))!r})
+os.write(status, {encode(Opened("A", "A/2/1"))!r})
+os.write(status, {encode(Closed("A", "A/2/1", 1, 2, 0.5, "peer"))!r})
+os.write(status, b'{{"event": "future", "detail": 1}}\\n')  # a newer proxy's: ignored
+os.write(status, b"not json\\n" + b"x" * 10000 + b"\\n" + b"[1]\\n")  # ignored, one warning
+os.write(status, {encode(Opened("A", "A/3/1"), dropped=2)!r})
+os.write(status, {encode(Closed("A", "A/3/1", 0, 0, 0.1, "peer"), dropped=3)!r})
+os.write(status, {encode(Opened("A", "A/4/1"), dropped=3)!r})
 print("2025-01-01 10:00:00,002 ERROR proxy: internal error")
 print("Traceback (most recent call last):")
-print("2025-01-01 10:00:00,003 WARNING proxy: giving up")
+print("2025-01-01 10:00:00,003 WARNING proxy: giving up", flush=True)
 sys.exit(4)
 """
 
@@ -106,14 +146,14 @@ def test_output_is_relogged_tagged_at_the_proxy_level(caplog: pytest.LogCaptureF
     caplog.set_level(logging.DEBUG, logger="agent.proxy")
     changes: list[int] = []
     child = ProxyChild("t7", [sys.executable, "-c", FAKE_PROXY], {}, on_streams=lambda: None)
-    child._on_streams = lambda: changes.append(len(child.streams))
+    child._on_streams = lambda: changes.append(child.status.streams)
     code, uptime = asyncio.run(child.run())
     assert code == 4
     assert uptime >= 0
     relayed = [
         (r.levelno, r.getMessage(), getattr(r, "tunnel", None))
         for r in caplog.records
-        if r.name == "agent.proxy"
+        if r.name == "agent.proxy" and "status" not in r.getMessage()
     ]
     assert relayed[0][0] == logging.INFO
     assert relayed[0][1].startswith("started a destination proxy, pid ")
@@ -124,7 +164,21 @@ def test_output_is_relogged_tagged_at_the_proxy_level(caplog: pytest.LogCaptureF
         (logging.ERROR, "Traceback (most recent call last):", "t7"),
         (logging.WARNING, "proxy: giving up", "t7"),
     ]
-    assert changes == [1, 0]  # opened, then cleared when the process ended
+    # Streams counted from the status channel (not from the debug line), cleared at the end.
+    assert changes == [1, 2, 1, 2, 1, 2, 0]
+    assert child.status.dropped == 3
+    assert caplog.text.count("the proxy dropped status events") == 1
+    complaints = [
+        (r.levelno, r.getMessage().removeprefix("ignoring a line on the proxy's status channel: "))
+        for r in caplog.records
+        if "status channel" in r.getMessage()
+    ]
+    assert [level for level, _ in complaints] == [logging.WARNING, logging.DEBUG, logging.DEBUG]
+    assert [text.split(":")[0] for _, text in complaints] == [
+        "not valid JSON",
+        "a line longer than the limit",
+        "not a JSON object",
+    ]
 
 
 SLEEPER = "import time\nprint('2025-01-01 10:00:00,000 INFO proxy: up', flush=True)\ntime.sleep(60)"

@@ -606,3 +606,69 @@ def test_systemd_ready_status_watchdog_stopping(
         assert seen.count("READY=1\nSTATUS=MQTT connected; 0 tunnels, 0 streams") == 1
     finally:
         fake.close()
+
+
+def child_pids(pid: int) -> list[int]:
+    """The processes ``pid`` started, from /proc."""
+    return [
+        int(child)
+        for task in Path(f"/proc/{pid}/task").iterdir()
+        for child in (task / "children").read_text().split()
+    ]
+
+
+def echo_connection(port: int, attempts: int = 100) -> socket.socket:
+    """A connection through the source proxy that has carried a round trip; retried while the
+    destination proxy is still connecting to the service."""
+    for attempt in range(attempts):
+        conn = socket.create_connection(("127.0.0.1", port), timeout=20)
+        try:
+            conn.sendall(b"ping")
+            if recv_exactly(conn, 4) == b"ping":
+                return conn
+        except (OSError, ConnectionError):
+            if attempt == attempts - 1:
+                raise
+        conn.close()
+        time.sleep(0.2)
+    raise HarnessError("no round trip through the tunnel")
+
+
+def test_status_counts_streams_with_the_agent_at_log_level_warning(
+    device: Device, stack: Stack, pki: PKI, tmp_path: Path
+) -> None:
+    """The stream count comes from the children's status channel: it does not need their
+    debug lines, and their verbosity follows the agent's log_level."""
+    device.ini.write_text(
+        device.ini.read_text().replace("log_level = debug", "log_level = warning")
+    )
+    tunnel = Tunnel("quiet", ("SSH1",))
+    _, service_port = stack.service([tunnel], cert=pki.server.cert, key=pki.server.key)
+    _, echo_port = stack.echo_server()
+    configure(device, service_port, {"SSH1": echo_port})
+    fake = NotifySocket(tmp_path / "notify.sock")
+    try:
+        # Ready is READY=1 here: the agent's "ready" line is an info line.
+        env = {"NOTIFY_SOCKET": str(fake.path)}
+        agent = device.agent = stack.agent(device.ini, env=env, ready=False)
+        fake.wait_for(lambda m: any(x.startswith("READY=1") for x in m), "READY=1")
+        device.notify(tunnel.destination_token, ("SSH1",))
+        fake.wait_for(lambda m: "STATUS=MQTT connected; 1 tunnel, 0 streams" in m, "a tunnel")
+        source = stack.source(tunnel.source_token, service_port, "SSH1=0", ["SSH1"], ca=pki.ca.cert)
+        first = echo_connection(source.ports["SSH1"])
+        second = echo_connection(source.ports["SSH1"])
+        fake.wait_for(lambda m: "STATUS=MQTT connected; 1 tunnel, 2 streams" in m, "2 streams")
+        # The proxy runs at the operator's verbosity (-v 3: warning), not forced to debug.
+        [child] = child_pids(agent.popen.pid)
+        argv = Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0")
+        assert argv[argv.index(b"-v") + 1] == b"3"
+        first.close()
+        fake.wait_for(lambda m: m[-1] == "STATUS=MQTT connected; 1 tunnel, 1 stream", "1 stream")
+        second.close()
+        fake.wait_for(lambda m: m[-1] == "STATUS=MQTT connected; 1 tunnel, 0 streams", "0 streams")
+        assert agent.stop(signal.SIGTERM) == 0
+        # Neither the agent nor its proxy logged below warning.
+        assert "connected to the tunnel service" not in agent.output()
+        assert "started a destination proxy" not in agent.output()
+    finally:
+        fake.close()
