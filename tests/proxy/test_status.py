@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 
-from bench.fake_service import FakeService
 from proxy.config import ProxySettings, load
 from proxy.io.tunnel import Tunnel
 from proxy.protocol.messages import MessageType
@@ -33,6 +32,7 @@ from proxy.status import (
     decode,
     encode,
 )
+from testbed.fake_service import FakeService
 
 EVENTS: list[Event] = [
     Connected(3, "channel-1"),
