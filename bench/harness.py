@@ -188,9 +188,18 @@ class Stack:
         return proc, int(match.group(1))
 
     def proxy_argv(
-        self, mode: str, port: int, *, ca: Path | None, verbosity: int, args: Sequence[str]
+        self,
+        mode: str,
+        port: int,
+        *,
+        ca: Path | None,
+        verbosity: int,
+        args: Sequence[str],
+        tls: bool | None = None,
     ) -> list[str]:
-        scheme = "wss" if ca is not None else "ws"
+        """``python -m proxy`` for the service on ``port``: ``wss://`` when ``tls`` (default:
+        when a ``ca`` is given, which goes to ``-c``), else ``ws://``."""
+        scheme = "wss" if (ca is not None if tls is None else tls) else "ws"
         argv = [self.python, "-m", "proxy", "-m", mode, "-e", f"{scheme}://127.0.0.1:{port}"]
         if ca is not None:
             argv += ["-c", str(ca)]
@@ -208,9 +217,12 @@ class Stack:
         name: str = "destination",
         extra: Sequence[str] = (),
         env: Mapping[str, str] | None = None,
+        tls: bool | None = None,
     ) -> Proc:
         """Start a destination-mode proxy (``-d mapping``) and wait for its connection."""
-        argv = self.proxy_argv("dst", port, ca=ca, verbosity=verbosity, args=["-d", mapping])
+        argv = self.proxy_argv(
+            "dst", port, ca=ca, verbosity=verbosity, args=["-d", mapping], tls=tls
+        )
         proc = self.start(
             name, [*argv, *extra], env={"AWSIOT_TUNNEL_ACCESS_TOKEN": token, **(env or {})}
         )
@@ -229,9 +241,12 @@ class Stack:
         name: str = "source",
         extra: Sequence[str] = (),
         env: Mapping[str, str] | None = None,
+        tls: bool | None = None,
     ) -> Source:
         """Start a source-mode proxy and wait until it listens for each of ``services``."""
-        argv = self.proxy_argv("src", port, ca=ca, verbosity=verbosity, args=["-s", mapping])
+        argv = self.proxy_argv(
+            "src", port, ca=ca, verbosity=verbosity, args=["-s", mapping], tls=tls
+        )
         proc = self.start(
             name, [*argv, *extra], env={"AWSIOT_TUNNEL_ACCESS_TOKEN": token, **(env or {})}
         )
