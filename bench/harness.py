@@ -357,12 +357,13 @@ def agent_ini(path: Path, settings: Mapping[str, object]) -> Path:
     return path
 
 
-def free_port() -> int:
-    """A TCP port that nothing listens on right now (for 'connection refused' cases)."""
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that nothing listens on at ``host`` right now (for 'connection refused'
+    cases, and for programs that must be told a port)."""
     import socket
 
     with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
+        sock.bind((host, 0))
         return int(sock.getsockname()[1])
 
 

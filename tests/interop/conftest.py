@@ -5,6 +5,22 @@ The reference binary is ``$LOCALPROXY`` or ``<checkout>/../shared/peers/localpro
 localproxy-x86_64``; tests that need it are skipped, with the reason, when it is missing or
 cannot run here. It takes its access token from ``AWSIOT_TUNNEL_ACCESS_TOKEN``, never argv, and
 runs with its working directory in the test's temporary directory (it reads ``./config``).
+It logs to stderr and mostly exits 0, so a failed test prints every process's log.
+
+What the reference does that the tests work around (each seen with the reference at both
+ends too), so that they test iotunnel and not the reference's limits:
+
+- ``-c`` is an OpenSSL CA *directory* (hashed, as ``c_rehash`` makes it); a CA file trusts
+  nothing. ``-k`` turns certificate verification off.
+- As a source with ``-y V1``/``-y V2`` it closes its listener while it carries a connection and
+  listens again after it (``Peers.relisten`` waits for that, without a probe connection); as a
+  V2 source, a STREAM_RESET from the destination stops it reading its WebSocket until it accepts
+  another TCP connection (so V2 HTTP clients close first: ``http_get_client_closes``).
+- As a destination it takes a V1 source's STREAM_START (no service id) only with ``-y V1``.
+- ``-b`` in destination mode is the host of port-only ``-d`` mappings; it does not bind the
+  outgoing sockets.
+- Its unpaced source buffers without bound: traffic through it is paced (one SSH chunk in
+  flight) and small (64 KiB HTTP bodies).
 """
 
 from __future__ import annotations
@@ -35,8 +51,8 @@ from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
-from bench.clients import http_get, recv_exactly
-from bench.harness import HarnessError, Proc, Stack
+from bench.clients import echo_roundtrips, http_get, recv_exactly
+from bench.harness import HarnessError, Proc, Stack, free_port
 from bench.pki import PKI, CertPair, self_signed
 from bench.sshd import SshSetup, ssh_command, sshd_binary
 from proxy.protocol.framing import encode
@@ -175,13 +191,6 @@ def wait_listening(proc: Proc, host: str, port: int, timeout: float = 30.0) -> N
                 f"{proc.name} does not listen on {host}:{port} ({state}):\n{proc.output()[-4000:]}"
             )
         time.sleep(0.02)
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port nothing listens on at ``host`` right now."""
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
 
 
 @pytest.fixture(autouse=True)
@@ -473,9 +482,10 @@ class Session:
         assert self.received.hexdigest() == self.sent.hexdigest()
 
     def abort(self) -> None:
-        if self._proc is not None and self._proc.poll() is None:
-            self._proc.kill()
-            self._proc.communicate()
+        if self._proc is not None:
+            if self._proc.poll() is None:
+                self._proc.kill()
+            self._proc.communicate()  # and close its pipes
         if self._sock is not None:
             self._sock.close()
 
@@ -605,13 +615,15 @@ def start_peers(
 ) -> Peers:
     """The reference as ``reference`` ("source" or "destination") and iotunnel as the other
     role, destination first. Versions 3 and 2 carry HTTP1 and SSH1; version 1 one unnamed
-    service (``-d PORT``/``-s PORT``) to the SSH backend.
+    service (``-d PORT``/``-s PORT``) to an echo server: with sshd, the server may close first,
+    and a V1 or V2 reference destination that sends the STREAM_RESET then stops reading its
+    WebSocket for good (its next connection would hang).
 
     ``-y V1|V2`` goes to the source; a V1 reference destination needs ``-y V1`` too (it takes
     a STREAM_START without a service id for one only then).
     """
     compat = [] if version == 3 else ["-y", f"V{version}"]
-    dst_mapping = str(backends.ssh) if version == 1 else backends.mapping()
+    dst_mapping = str(stack.echo_server()[1]) if version == 1 else backends.mapping()
     services = ["SSH1"] if version == 1 else ["HTTP1", "SSH1"]
     if reference == "source":
         destination = stack.destination(
@@ -668,7 +680,7 @@ def carry_traffic(peers: Peers, backends: Backends) -> None:
 
     V3: parallel HTTP requests while an SSH session runs. V2 (one connection per service at
     a time): HTTP requests one after another while an SSH session runs. V1 (one service, one
-    connection): two SSH sessions one after the other.
+    connection): two echo sessions one after the other, each closed by the client.
     """
     if peers.version == 3:
         http_and_ssh_at_once(backends, peers.ports["HTTP1"], peers.ports["SSH1"])
@@ -682,6 +694,6 @@ def carry_traffic(peers: Peers, backends: Backends) -> None:
             get=http_get_client_closes,
         )
     else:
-        session(backends, peers.ports["SSH1"])
+        assert echo_roundtrips(peers.ports["SSH1"], 20, size=4096) == 20
         peers.relisten("SSH1", 1)
-        session(backends, peers.ports["SSH1"])
+        assert echo_roundtrips(peers.ports["SSH1"], 20, size=4096) == 20

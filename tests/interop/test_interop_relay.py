@@ -6,9 +6,14 @@ iotunnel as the destination, and iotunnel as the source with the reference as th
 
 - protocol V3 (HTTP1 + SSH1, parallel HTTP requests during an SSH session), ``-y V2`` (one
   connection per service at a time) and ``-y V1`` (one unnamed service, ``-s PORT``/``-d PORT``);
-- ``-k`` against a relay with a self-signed certificate, and without it (refused);
-- ``-c`` with a CA file and with a hashed CA directory;
-- ``-b``: the source's listen address, and the destination's local address for its connections.
+- ``-k`` against a relay with a self-signed certificate, and without it (refused by both);
+- ``-c`` with a hashed CA directory for both (our ``-c`` with a CA file is what every other case
+  uses; the reference's ``-c`` takes no file);
+- ``-b``: the source's listen address; in destination mode, the host of port-only mappings
+  (what the reference does with it).
+
+Known failures, marked ``xfail(strict=True)`` until the fixes on other branches are merged:
+our ``-k`` still verifies the certificate chain; our destination ignores ``-b``.
 """
 
 from __future__ import annotations
@@ -131,9 +136,8 @@ def test_k_our_destination_with_a_self_signed_service(
 # --------------------------------------------------------------------------- -c
 
 
-@pytest.mark.parametrize("ca", ["file", "directory"])
 @pytest.mark.parametrize("reference", ["source", "destination"])
-def test_c_ca_file_and_directory(
+def test_c_ca_directory(
     stack: Stack,
     localproxy: LocalProxy,
     pki: PKI,
@@ -141,26 +145,22 @@ def test_c_ca_file_and_directory(
     relay_factory,
     backends: Backends,
     reference: str,
-    ca: str,
 ) -> None:
-    """Our ``-c`` takes a CA file or a hashed CA directory; the reference's takes a directory
-    (``test_reference_c_takes_no_ca_file``)."""
+    """Both with ``-c`` a hashed CA directory. (Our ``-c`` with a CA file is what every other
+    case runs with; the reference's takes no file: ``test_reference_c_takes_no_ca_file``.)"""
     relay: Relay = relay_factory(["HTTP1", "SSH1"])
-    ours_ca = pki.ca.cert if ca == "file" else ca_dir
     port = relay.ports["ca"]
     if reference == "source":
-        stack.destination(token(), port, backends.mapping(), ca=ours_ca)
+        stack.destination(token(), port, backends.mapping(), ca=ca_dir)
         ports = {"HTTP1": free_port(), "SSH1": free_port()}
         mapping = f"HTTP1={ports['HTTP1']},SSH1={ports['SSH1']}"
         localproxy.source(stack, port, mapping, list(ports.values()), token=token(), ca_dir=ca_dir)
     else:
         localproxy.destination(stack, port, backends.mapping(), token=token(), ca_dir=ca_dir)
-        ours = stack.source(token(), port, "HTTP1=0,SSH1=0", ["HTTP1", "SSH1"], ca=ours_ca)
+        ours = stack.source(token(), port, "HTTP1=0,SSH1=0", ["HTTP1", "SSH1"], ca=ca_dir)
         ports = ours.ports
-    assert http_get(ports["HTTP1"], "/index.html") == (
-        200,
-        (backends.www / "index.html").read_bytes(),
-    )
+    index = (backends.www / "index.html").read_bytes()
+    assert http_get(ports["HTTP1"], "/index.html") == (200, index)
     session(backends, ports["SSH1"])
 
 
