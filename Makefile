@@ -55,7 +55,7 @@ lint: venv
 	$(BIN)/ruff format --check proxy/protocol
 
 typecheck: venv
-	$(BIN)/mypy proxy service bench agent packaging
+	$(BIN)/mypy proxy service agent testbed demo bench packaging
 
 unit: venv
 	$(BIN)/pytest -q -m "not e2e"
@@ -66,7 +66,7 @@ test: venv system-deps lint typecheck
 	  --cov-report=term:skip-covered --cov-fail-under=100
 
 demo: venv demo-deps
-	$(BIN)/python -m bench.demo
+	$(BIN)/python -m demo
 
 bench: venv
 	$(BIN)/python -m bench

@@ -12,7 +12,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from agent.config import PROG, CheckOnly, CliExit, ConfigError, load, summary
+from agent.config import PROG, CheckOnly, CliExit, ConfigError, check_tls_files, load, summary
 from agent.logs import configure
 from agent.systemd import Notifier
 
@@ -37,6 +37,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     environ = dict(os.environ)
     try:
         loaded = load(sys.argv[1:] if argv is None else argv, environ, Path.cwd())
+        if not isinstance(loaded, CliExit):
+            check_tls_files(loaded.settings if isinstance(loaded, CheckOnly) else loaded)
     except ConfigError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         notifier.close()

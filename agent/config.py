@@ -21,6 +21,7 @@ import ipaddress
 import logging
 import os
 import re
+import ssl
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +43,7 @@ __all__ = [
     "CheckOnly",
     "CliExit",
     "ConfigError",
+    "check_tls_files",
     "load",
     "summary",
 ]
@@ -420,6 +422,83 @@ def summary(settings: AgentSettings) -> str:
         f"topic {settings.topic}, mappings in {settings.mapping_dir}, tunnels via {service}, "
         f"at most {settings.max_tunnels} at once\n"
     )
+
+
+# --------------------------------------------------------------------------- TLS files
+
+#: More than this is not a certificate, key or CA bundle file (a system bundle is ~200 KiB).
+_MAX_PEM = 16 * 1024 * 1024
+
+
+class _Encrypted(Exception):
+    """The key asked for a passphrase."""
+
+
+def _no_passphrase() -> bytes:
+    raise _Encrypted
+
+
+def _read_all(name: str, path: Path) -> bytes:
+    """The file's bytes (up to :data:`_MAX_PEM` and one more); a directory is listed instead."""
+    try:
+        if path.is_dir():
+            os.listdir(path)
+            return b""
+        with path.open("rb") as file:
+            return file.read(_MAX_PEM + 1)
+    except OSError as exc:
+        raise ConfigError(f"{name}: {path}: cannot read: {exc.strerror or exc}") from None
+
+
+def _certificates(name: str, path: Path) -> None:
+    """``path`` holds at least one PEM certificate (or is a readable directory of them)."""
+    data = _read_all(name, path)
+    if path.is_dir():
+        return
+    if len(data) > _MAX_PEM:
+        raise ConfigError(f"{name}: {path}: larger than {_MAX_PEM >> 20} MiB: not a PEM file")
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    try:
+        context.load_verify_locations(cafile=str(path))
+    except (ssl.SSLError, ValueError, OSError):
+        raise ConfigError(f"{name}: {path}: no PEM certificate in it") from None
+
+
+def check_tls_files(settings: AgentSettings) -> None:
+    """Read and parse the certificate, key and CA files, as ``--check`` and every start do.
+
+    Each must be readable and hold PEM of its kind: certificates for ``cert``, ``root_ca`` and
+    ``tunnel_ca`` (or a readable directory for the CAs), an unencrypted private key that belongs
+    to the certificate for ``key``. The message names the setting and the file, never what the
+    file holds.
+
+    Raises:
+        ConfigError: One line, e.g. ``root_ca: /etc/iotunnel/ca.pem: cannot read: Permission
+            denied``.
+    """
+    _certificates("cert", settings.cert)
+    data = _read_all("key", settings.key)
+    if b"PRIVATE KEY-----" not in data:
+        raise ConfigError(f"key: {settings.key}: no PEM private key in it")
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    try:
+        context.load_cert_chain(str(settings.cert), str(settings.key), password=_no_passphrase)
+    except _Encrypted:
+        raise ConfigError(
+            f"key: {settings.key}: encrypted with a passphrase, which the agent cannot ask for"
+        ) from None
+    except ssl.SSLError as exc:
+        if exc.reason == "KEY_VALUES_MISMATCH":
+            raise ConfigError(
+                f"cert, key: {settings.cert} is not the certificate of {settings.key}"
+            ) from None
+        raise ConfigError(f"key: {settings.key}: not a usable PEM private key") from None
+    except OSError as exc:
+        raise ConfigError(f"cert, key: cannot read: {exc.strerror or exc}") from None
+    if settings.root_ca is not None:
+        _certificates("root_ca", settings.root_ca)
+    if settings.tunnel_ca is not None:
+        _certificates("tunnel_ca", settings.tunnel_ca)
 
 
 def load(

@@ -3,7 +3,9 @@
 Long-lived tasks run in one :class:`asyncio.TaskGroup`: the MQTT event reader, the watchdog
 pinger, the status updater and one task per proxy child. CRT callbacks reach the loop only as
 queued events (:mod:`agent.mqtt`). The :class:`~agent.supervisor.Supervisor` decides; this
-module carries out its actions in order, without awaiting in between.
+module carries out its actions in order, without awaiting in between. Handling one MQTT message
+is a boundary: whatever it raises is one error line (the exception's type, never its text) and the
+message is dropped; the agent and its tunnels go on.
 
 SIGTERM and SIGINT: STOPPING=1, stop every child (SIGTERM, then SIGKILL after a grace period),
 disconnect from the broker, exit 0.
@@ -144,7 +146,7 @@ class Agent:
                         self._subscriber.cancel()
                     self._set_connection(f"disconnected ({reason})")
                 case Message(topic=topic, payload=payload):
-                    self._on_message(topic, payload)
+                    self._handle_message(topic, payload)
                 case _:  # pragma: no cover - MqttLink makes nothing else
                     raise AssertionError(f"unexpected MQTT event {event!r}")
 
@@ -168,6 +170,20 @@ class Agent:
             self.ready = True
             self.notifier.ready(self.summary())
             log.info("ready: waiting for tunnel notifications")
+
+    def _handle_message(self, topic: str, payload: bytes) -> None:
+        """The boundary: whatever goes wrong with one message, the agent and its tunnels go on.
+
+        One line, naming the exception's type only: its text could quote the payload's token.
+        """
+        try:
+            self._on_message(topic, payload)
+        except Exception as exc:
+            log.error(
+                "cannot handle an MQTT message on %s: internal error (%s); dropped",
+                topic,
+                type(exc).__name__,
+            )
 
     def _on_message(self, topic: str, payload: bytes) -> None:
         if topic != self.settings.topic:

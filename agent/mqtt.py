@@ -220,8 +220,13 @@ class MqttLink:
         self.events.put_nowait(event)
 
     def _on_publish(self, data: mqtt5.PublishReceivedData) -> None:
-        packet = data.publish_packet
-        self._post(self._queue, Message(packet.topic or "", bytes(packet.payload or b"")))
+        try:
+            packet = data.publish_packet
+            message = Message(packet.topic or "", bytes(packet.payload or b""))
+        except Exception as exc:  # never into awscrt's thread: one line, the message is lost
+            log.error("cannot read an MQTT message: %s; dropped", type(exc).__name__)
+            return
+        self._post(self._queue, message)
 
     def _on_success(self, data: mqtt5.LifecycleConnectSuccessData) -> None:
         rejoined = bool(data.negotiated_settings and data.negotiated_settings.rejoined_session)

@@ -6,25 +6,30 @@ AWS IoT publishes on ``$aws/things/<thing>/tunnels/notify``::
      "services": ["HTTP1", "SSH1"]}
 
 A notification is accepted only for ``clientMode == "destination"``, with a non-empty token and
-region, and with only services that the local mapping directory maps. A rejection's reason is
-safe to log: it never contains the token, and quotes other fields only shortened.
+region, and with only services that the local mapping directory maps. The payload is read with
+:func:`proxy.boundedjson.loads` (at most :data:`MAX_PAYLOAD` bytes, :data:`MAX_DEPTH` levels), so
+no payload raises: every problem is a :class:`Rejection`. Its reason is one line, safe to log: it
+never contains the token (not even when the token is repeated in another field), and quotes other
+fields only shortened.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 from collections.abc import Collection
 from dataclasses import dataclass
 
+from proxy.boundedjson import JSONInputError, loads
 from proxy.config import Secret
 from proxy.protocol.messages import SERVICE_ID_RE
 
-__all__ = ["MAX_PAYLOAD", "Notification", "Rejection", "parse"]
+__all__ = ["MAX_DEPTH", "MAX_PAYLOAD", "Notification", "Rejection", "parse"]
 
 #: Larger payloads are rejected unread; a real one is about a kilobyte.
 MAX_PAYLOAD = 16 * 1024
+#: Deeper payloads are rejected unparsed; a real one is an object holding a list (2 levels).
+MAX_DEPTH = 4
 _REGION_RE = re.compile(r"[a-z0-9]+(?:-[a-z0-9]+)*")
 _HEADER_SAFE_RE = re.compile(r"[\x21-\x7e]+")
 _MAX_TOKEN = 8192
@@ -46,11 +51,6 @@ class Notification:
     region: str
     services: tuple[str, ...]
 
-    @property
-    def service_set(self) -> frozenset[str]:
-        """The services as a set: two notifications for the same set are the same tunnel's."""
-        return frozenset(self.services)
-
     def fingerprint(self) -> bytes:
         """A digest of all four fields: equal for an exact duplicate, never shown in logs."""
         text = "\0".join(["destination", self.token.reveal(), self.region, *self.services])
@@ -68,8 +68,24 @@ class Rejection:
     reason: str
 
 
-def _shown(value: object) -> str:
-    text = repr(value)
+_HIDDEN = "<token>"
+
+
+def _hide(text: str, token: object) -> str:
+    """``text`` without the token (or the strings of a token sent as a list), as written or as
+    ``repr`` escapes it."""
+    secrets = [token] if isinstance(token, str) else token if isinstance(token, list) else []
+    for secret in secrets:
+        if isinstance(secret, str) and secret:
+            text = text.replace(secret, _HIDDEN)
+            escaped = repr(secret)[1:-1]
+            if escaped:
+                text = text.replace(escaped, _HIDDEN)
+    return text
+
+
+def _shown(value: object, token: object) -> str:
+    text = _hide(repr(value), token)
     return text if len(text) <= _SHOWN else text[: _SHOWN - 3] + "..."
 
 
@@ -89,19 +105,30 @@ def parse(
     if len(payload) > MAX_PAYLOAD:
         return Rejection(f"payload of {len(payload)} bytes is larger than {MAX_PAYLOAD}")
     try:
-        document = json.loads(payload.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError):
-        return Rejection("malformed JSON")
+        document = loads(payload, max_bytes=MAX_PAYLOAD, max_depth=MAX_DEPTH)
+    except JSONInputError as exc:  # its text never quotes the payload
+        return Rejection(f"malformed JSON: {exc}")
+    except ValueError:  # json.loads: an integer of more than 4300 digits
+        return Rejection("malformed JSON: a number too long")
     if not isinstance(document, dict):
         return Rejection("the payload is not a JSON object")
+    return _check(document, mapped, mapping_dir)
+
+
+def _check(
+    document: dict[str, object], mapped: Collection[str], mapping_dir: str
+) -> Notification | Rejection:
+    token = document.get("clientAccessToken")
+
+    def shown(value: object) -> str:
+        return _shown(value, token)
 
     mode = document.get("clientMode")
     if mode is None:
         return Rejection("no clientMode")
     if mode != "destination":
-        return Rejection(f"clientMode is {_shown(mode)}, not 'destination'")
+        return Rejection(f"clientMode is {shown(mode)}, not 'destination'")
 
-    token = document.get("clientAccessToken")
     if not isinstance(token, str) or not token.strip():
         return Rejection("no clientAccessToken")
     if len(token) > _MAX_TOKEN or not _HEADER_SAFE_RE.fullmatch(token):
@@ -111,7 +138,7 @@ def parse(
     if not isinstance(region, str) or not region.strip():
         return Rejection("no region")
     if not _REGION_RE.fullmatch(region):
-        return Rejection(f"region {_shown(region)} is not an AWS region name")
+        return Rejection(f"region {shown(region)} is not an AWS region name")
 
     services = document.get("services")
     if services is None or services == []:
@@ -120,12 +147,16 @@ def parse(
         return Rejection(f"services must be a list of at most {_MAX_SERVICES} service IDs")
     for service in services:
         if not isinstance(service, str) or not SERVICE_ID_RE.fullmatch(service):
-            return Rejection(f"services holds {_shown(service)}, which is not a service ID")
+            return Rejection(f"services holds {shown(service)}, which is not a service ID")
     if len(set(services)) != len(services):
         return Rejection("services names a service twice")
+    if any(token in value for value in (region, *services)):
+        # Region and services are logged; the token must never be.
+        return Rejection("the clientAccessToken is repeated in region or services")
     unmapped = [service for service in services if service not in mapped]
     if unmapped:
         where = f" in {mapping_dir}" if mapping_dir else ""
         plural = "s" if len(unmapped) > 1 else ""
-        return Rejection(f"service{plural} {', '.join(unmapped)} not mapped{where}")
+        names = _hide(", ".join(unmapped), token)
+        return Rejection(f"service{plural} {names} not mapped{where}")
     return Notification(Secret(token), region, tuple(services))

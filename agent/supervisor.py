@@ -4,23 +4,29 @@ The :class:`Supervisor` does no I/O and reads no clock: the daemon feeds it even
 notification, a child's exit with its exit code and uptime, a restart timer that fired,
 shutdown) and carries out the :data:`Action` list each call returns, in order.
 
-One tunnel, one child proxy. The rules:
+One notification, one tunnel, one child proxy. The rules:
 
-- an exact duplicate of a recent notification (all four fields equal) is ignored;
-- a notification for the same set of services as a running tunnel replaces it: the old proxy
-  is stopped and a new one started with the new token (token rotation);
-- at most ``max_tunnels`` tunnels run at once; a notification beyond that is refused;
+- an exact duplicate of a recent notification (all four fields equal: QoS 1 redelivery) is
+  ignored;
+- every other notification is a tunnel of its own, even when it names the same services as a
+  running one: a notification carries no tunnel id, so two operators' tunnels to the same
+  services cannot be told from a token rotation, and a running tunnel is never stopped because
+  of another notification. A rotation ends the old proxy from the service's side: the service
+  closes the old token's connection (code 1000) and the old proxy exits 0;
+- at most ``max_tunnels`` tunnels run at once; a notification beyond that is refused (a
+  rotation's notification too, when it arrives before the old proxy has exited);
 - a child that exits 0 (the service closed the tunnel), 3 (the handshake was refused: bad,
   used or expired token) or 2 (configuration error) is not restarted: that tunnel is over;
 - any other exit (1, 4, a signal) is a crash: the child is started again after a jittered
   exponential backoff, with the same access and client tokens, up to ``max_restarts`` times
   in a row. A child that ran for ``stable_after`` seconds resets the count.
 
-Per tunnel::
+Per tunnel (a notification only ever adds a tunnel: it moves no other one)::
 
     RUNNING --crash--> WAITING --restart due--> RUNNING
     RUNNING --exit 0/2/3, or too many crashes--> (gone)
-    RUNNING --replaced/shutdown--> STOPPING --exit--> (gone)
+    RUNNING --shutdown--> STOPPING --exit--> (gone)
+    WAITING --shutdown--> (gone)
 """
 
 from __future__ import annotations
@@ -203,23 +209,7 @@ class Supervisor:
             self._seen.popitem(last=False)
         if self.shutting_down:
             return [Log(logging.WARNING, "shutting down: notification ignored")]
-
-        actions: list[Action] = []
-        replaced = next(
-            (
-                t
-                for t in self._tunnels.values()
-                if t.state is not State.STOPPING
-                and t.notification.service_set == notification.service_set
-            ),
-            None,
-        )
-        if replaced is not None:
-            actions.append(
-                Log(logging.INFO, "replaced by a new token for the same services", replaced.tag)
-            )
-            actions.extend(self._stop(replaced))
-        elif self.active >= self.max_tunnels:
+        if self.active >= self.max_tunnels:
             return [
                 Log(
                     logging.WARNING,
@@ -230,9 +220,10 @@ class Supervisor:
         self._counter += 1
         tunnel = _Tunnel(f"t{self._counter}", notification, Secret(self._new_client_token()))
         self._tunnels[tunnel.tag] = tunnel
-        actions.append(Log(logging.INFO, f"new tunnel for {notification.describe()}", tunnel.tag))
-        actions.append(StartProxy(tunnel.tag, notification, tunnel.client_token, 0))
-        return actions
+        return [
+            Log(logging.INFO, f"new tunnel for {notification.describe()}", tunnel.tag),
+            StartProxy(tunnel.tag, notification, tunnel.client_token, 0),
+        ]
 
     def child_exited(self, tag: str, code: int, uptime: float) -> list[Action]:
         """The tunnel's child exited with ``code`` after running ``uptime`` seconds."""

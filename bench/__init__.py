@@ -1,1 +1,4 @@
-"""Loopback harness, demo and benchmarks for iotunnel (not installed on devices)."""
+"""Benchmarks for iotunnel (``python -m bench``, ``make bench``) and their results (RESULTS.md).
+
+Built on :mod:`testbed`; used from the checkout, not installed.
+"""

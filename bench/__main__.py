@@ -7,6 +7,11 @@ printed as a table and written as JSON (``--json``, default ``bench/out/results.
 ``--proxy-cmd "/path/to/localproxy"`` runs the same scenarios with another implementation that
 takes the reference's ``-s/-d/-e/-t/-c`` flags (the token then goes on its command line, as the
 reference requires), so that builds can be compared side by side in one run.
+
+``--soak`` runs the soak scenarios instead (:mod:`bench.soak`: 200 tunnels opened and closed
+through the management API with a pair of proxies each, 2,000 more with in-process peers,
+10,000 connections through one tunnel; about two minutes), written to ``bench/out/soak.json``
+unless ``--json`` says otherwise.
 """
 
 from __future__ import annotations
@@ -25,9 +30,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench.harness import ROOT, Proc, Stack, Tunnel, agent_ini, free_port, peak_rss_kib, rss_kib
-from bench.mqtt import mosquitto_binary
-from bench.pki import PKI
+from bench import soak
+from testbed.harness import ROOT, Proc, Stack, Tunnel, agent_ini, free_port, peak_rss_kib, rss_kib
+from testbed.mqtt import mosquitto_binary
+from testbed.pki import PKI
 
 MB = 1_000_000
 #: The paced runs of scenario 1, in bytes/s across all connections.
@@ -208,13 +214,12 @@ def agent_idle_rss(workdir: Path, pki: PKI) -> dict[str, Any]:
         stack.close()
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
-    quick = args.quick
+def _prepare(args: argparse.Namespace) -> tuple[Path, PKI, dict[str, Any]]:
+    """Compiled bytecode, the work directory, a PKI, and the results' header."""
     # Processes start from bytecode, as installed ones do (the .deb's postinst compiles it):
     # compiling the source at every start would count in the idle memory of scenario 7.
-    for package in ("proxy", "service", "agent", "bench"):
+    for package in ("proxy", "service", "agent", "testbed", "bench"):
         compileall.compile_dir(ROOT / package, quiet=1)
-    total = (64 if quick else 512) * MiB
     workdir = Path(args.workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     pki = PKI.create(workdir / "pki")
@@ -225,8 +230,32 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             f"{platform.python_implementation()} {platform.python_version()}"
         ),
         "implementation": args.proxy_cmd or "iotunnel",
-        "quick": quick,
     }
+    return workdir, pki, results
+
+
+def run_soak(args: argparse.Namespace) -> dict[str, Any]:
+    """The soak scenarios (:mod:`bench.soak`)."""
+    workdir, pki, results = _prepare(args)
+    results["tunnel_churn"] = soak.tunnel_churn(
+        workdir / "soak-tunnels", pki, args.soak_tunnels, parallel=args.soak_parallel
+    )
+    results["peer_churn"] = soak.peer_churn(workdir / "soak-peers", pki, args.soak_peers)
+    setup = start(workdir / "soak-connections", pki, args.proxy_cmd, [])
+    try:
+        results["connection_churn"] = soak.connection_churn(
+            setup.procs(), setup.ssh1, args.soak_connections, args.soak_wave
+        )
+    finally:
+        setup.stack.close()
+    return results
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    quick = args.quick
+    total = (64 if quick else 512) * MiB
+    workdir, pki, results = _prepare(args)
+    results["quick"] = quick
     runs: list[tuple[str, list[str]]] = [("unlimited", [])]
     if args.cap:
         runs.append((f"cap_{args.cap // 1000}KBps", ["--bandwidth-limit", str(args.cap)]))
@@ -315,14 +344,28 @@ def main(argv: list[str] | None = None) -> int:
         default=800_000,
         help="also run scenario 4 with this per-tunnel bandwidth cap in bytes/s (0: skip)",
     )
-    parser.add_argument("--json", type=Path, default=ROOT / "bench" / "out" / "results.json")
+    parser.add_argument(
+        "--soak", action="store_true", help="run the soak scenarios instead (a few minutes)"
+    )
+    parser.add_argument("--soak-tunnels", type=int, default=200, metavar="N")
+    parser.add_argument("--soak-parallel", type=int, default=4, metavar="N")
+    parser.add_argument("--soak-peers", type=int, default=2000, metavar="N")
+    parser.add_argument("--soak-connections", type=int, default=10_000, metavar="N")
+    parser.add_argument("--soak-wave", type=int, default=100, metavar="N")
+    parser.add_argument("--json", type=Path, help="default: bench/out/results.json (soak.json)")
     parser.add_argument("--workdir", default="/tmp/iotunnel-bench")
     args = parser.parse_args(argv)
-    results = run(args)
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(results, indent=2))
-    print(table(results))
-    print(f"\nJSON: {args.json}")
+    if args.soak:
+        results = run_soak(args)
+        text = soak.table(results)
+    else:
+        results = run(args)
+        text = table(results)
+    json_path = args.json or ROOT / "bench" / "out" / ("soak.json" if args.soak else "results.json")
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    json_path.write_text(json.dumps(results, indent=2))
+    print(text)
+    print(f"\nJSON: {json_path}")
     return 0
 
 

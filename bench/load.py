@@ -13,6 +13,8 @@ Each subcommand prints one JSON object on stdout:
     N fresh connections: connect, wait ``delay``, send one byte, read it back.
 ``python -m bench.load many --port P --count N``
     N simultaneous connections, each echoing 4 bytes.
+``python -m bench.load churn --port P --count N [--wave W]``
+    N connections in waves of W simultaneous ones (``many``, again and again).
 """
 
 from __future__ import annotations
@@ -177,9 +179,18 @@ def many(port: int, count: int) -> dict[str, Any]:
     return {"count": count, "ok": ok, "open_s": round(opened, 3), "total_s": round(total, 3)}
 
 
+def churn(port: int, count: int, wave: int) -> dict[str, Any]:
+    start = time.perf_counter()
+    ok = 0
+    for done in range(0, count, wave):
+        ok += many(port, min(wave, count - done))["ok"]
+    seconds = time.perf_counter() - start
+    return {"count": count, "wave": wave, "ok": ok, "seconds": round(seconds, 3)}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.load")
-    parser.add_argument("kind", choices=["download", "upload", "rtt", "setup", "many"])
+    parser.add_argument("kind", choices=["download", "upload", "rtt", "setup", "many", "churn"])
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--bytes", type=int, default=64 * BLOCK)
     parser.add_argument("--conns", type=int, default=1)
@@ -188,6 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--interval", type=float, default=0.0)
     parser.add_argument("--delay", type=float, default=0.0)
+    parser.add_argument("--wave", type=int, default=100)
     args = parser.parse_args(argv)
     if args.kind in ("download", "upload"):
         result = transfer(args.kind, args.port, args.bytes, args.conns, args.rate)
@@ -195,6 +207,8 @@ def main(argv: list[str] | None = None) -> int:
         result = rtt(args.port, args.count, args.size, args.interval)
     elif args.kind == "setup":
         result = setup(args.port, args.count, args.delay)
+    elif args.kind == "churn":
+        result = churn(args.port, args.count, args.wave)
     else:
         result = many(args.port, args.count)
     print(json.dumps(result), flush=True)

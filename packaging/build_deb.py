@@ -58,7 +58,7 @@ ENTRY_POINTS = ("iotunnel-agent", "iotunnel-proxy")
 #: Vendored distributions that a package may go without (the ``speed`` extra).
 OPTIONAL = frozenset({"uvloop"})
 #: Packages of the iotunnel wheel that stay out of the device package.
-PRUNED = ("bench", "service")
+PRUNED = ("service",)
 #: NAME lines of the manual pages.
 SUMMARIES = {
     "iotunnel-agent": "device agent of AWS IoT Secure Tunneling (the iotunnel-agent service)",

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -26,6 +27,15 @@ _TOKENS = re.compile(r'"(?:[^"\\]|\\.)*"|[\[\]{}]', re.DOTALL)
 
 class JSONInputError(ValueError):
     """JSON from outside that is too large, too deep or not JSON; the text names no content."""
+
+
+def _parse_int(digits: str) -> int:
+    """``int``, but an integer over Python's digit limit is a JSONInputError (``int`` raises a
+    plain ValueError, which ``json.loads`` lets through)."""
+    limit = sys.get_int_max_str_digits()
+    if limit and len(digits) - digits.startswith("-") > limit:
+        raise JSONInputError(f"not valid JSON: a number of more than {limit} digits")
+    return int(digits)
 
 
 def loads(
@@ -59,7 +69,12 @@ def loads(
         elif piece in "]}":
             depth -= 1
     try:
-        return json.loads(text, object_pairs_hook=object_pairs_hook, parse_constant=parse_constant)
+        return json.loads(
+            text,
+            object_pairs_hook=object_pairs_hook,
+            parse_constant=parse_constant,
+            parse_int=_parse_int,
+        )
     except json.JSONDecodeError as exc:
         # exc.msg and the position only: never the document, which may hold a secret.
         raise JSONInputError(

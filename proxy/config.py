@@ -29,15 +29,17 @@ import json
 import math
 import os
 import re
+import ssl
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, NamedTuple, NoReturn
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-from proxy import __version__
+from proxy import __version__, boundedjson
 from proxy.errors import ConfigError
 from proxy.protocol.messages import MAX_PAYLOAD, SERVICE_ID_RE
+from proxy.tls import CAError, load_ca
 
 __all__ = [
     "DEFAULT_CONFIG_DIR",
@@ -70,7 +72,8 @@ ENV_CLIENT_TOKEN = "AWSIOT_TUNNEL_CLIENT_TOKEN"  # noqa: S105
 ENV_ENDPOINT = "AWSIOT_TUNNEL_ENDPOINT"
 ENV_REGION = "AWSIOT_TUNNEL_REGION"
 
-#: Where mappings are read from when neither ``--config-dir`` nor ``-s``/``-d`` is given.
+#: Where mappings are read from when neither ``--config-dir`` nor ``-s``/``-d`` is given; only
+#: when every file in it is a mapping file (otherwise a source warns, a destination stops).
 DEFAULT_CONFIG_DIR = "config"
 
 _CLIENT_TOKEN_RE = re.compile(r"[a-zA-Z0-9-]{32,128}")
@@ -169,6 +172,17 @@ class ServiceMapping:
     endpoint: Endpoint
 
 
+def _brief(value: object) -> str:
+    """``repr(value)``, cut short: a message quotes at most this much of a file's content."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _key(key: str) -> str:
+    """A settings key as a message shows it: as is when short and printable, else quoted."""
+    return key if key.isprintable() and 0 < len(key) <= 100 else _brief(key)
+
+
 class _Range(NamedTuple):
     """The accepted values of one :class:`Tuning` field."""
 
@@ -196,7 +210,7 @@ class _Range(NamedTuple):
         assert isinstance(value, int | float)
         too_low = value <= self.low if self.low_open else value < self.low
         if not math.isfinite(value) or too_low or value > self.high:
-            return f"must be {wanted} {bounds}, not {value!r}"
+            return f"must be {wanted} {bounds}, not {_brief(value)}"
         return None
 
 
@@ -206,6 +220,7 @@ _TUNING_RANGES: dict[str, _Range] = {
     "reconnect_base": _Range(float, 0, low_open=True),
     "reconnect_max": _Range(float, 0, low_open=True),
     "reconnect_attempts": _Range(int, -1),
+    "reconnect_reset_after": _Range(float, 0),
     "read_chunk": _Range(int, 1, MAX_PAYLOAD),
     "local_write_buffer": _Range(int, 1),
     "max_connections": _Range(int, 1),
@@ -245,6 +260,10 @@ class Tuning:
         reconnect_base: First delay (seconds) of the jittered exponential reconnect backoff.
         reconnect_max: Cap (seconds) on one backoff delay; at least ``reconnect_base``.
         reconnect_attempts: Consecutive failed reconnects before giving up; -1 = never give up.
+            A connection that the service drops within ``reconnect_reset_after`` counts as a
+            failed attempt.
+        reconnect_reset_after: Seconds a connection must stay up before the reconnect backoff
+            starts over from ``reconnect_base``; every drop waits the backoff's next delay.
         read_chunk: Bytes read from a local socket per DATA message (1..64512).
         local_write_buffer: Bytes buffered for one local connection before the tunnel stops
             reading from the service (the high-water mark of that connection).
@@ -257,6 +276,7 @@ class Tuning:
     reconnect_base: float = 1.0
     reconnect_max: float = 60.0
     reconnect_attempts: int = -1
+    reconnect_reset_after: float = 10.0
     read_chunk: int = MAX_PAYLOAD
     local_write_buffer: int = 262144
     max_connections: int = 4096
@@ -285,14 +305,19 @@ class ProxySettings:
         client_token: The client token sent on every (re)connect, if any.
         mappings: Service ID -> local endpoint. Empty only in source mode (the runner then picks
             free ports for the services the tunnel announces).
-        bind_address: ``-b``: the listen address (source) or the local address to connect from
-            (destination); ``None`` = the default (localhost).
-        ca_path: ``-c``: a CA bundle file or a directory of CA certificates, as an absolute path.
-        verify_host: False with ``-k``: the service's certificate name is not checked.
+        bind_address: ``-b``: the listen address (source; ``None`` = localhost) or the local
+            address to connect from (destination; ``None`` = any).
+        ca_path: ``-c``: a CA bundle file or a directory of CA certificates, as an absolute
+            path, checked loadable; added to the system's CAs.
+        verify_host: False with ``-k``: the service's certificate is not verified at all
+            (neither its chain nor its host name), as the reference proxy's ``-k``.
         verbosity: 0 off, 1 fatal, 2 error, 3 warning, 4 info (default), 5 debug, 6 trace.
         peer_version: The protocol version assumed for the peer: 3, or 1/2 from ``-y`` (source).
         tuning: Fine-grained knobs.
         access_token_from_argv: The token came from ``-t`` and is visible to other local users.
+        skipped_config_dir: Why the default ``./config`` was not read as mappings (source mode,
+            where mappings are optional), to be logged as a warning; ``None`` when it was read
+            or absent.
     """
 
     mode: Mode
@@ -307,6 +332,7 @@ class ProxySettings:
     peer_version: int
     tuning: Tuning
     access_token_from_argv: bool
+    skipped_config_dir: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -471,6 +497,15 @@ def read_config_text(path: Path, display: str) -> str:
         raise ConfigError(f"{display}: {exc.strerror or exc}") from None
 
 
+#: Mapping lines longer than this are not quoted in errors: an endpoint line is short, and a
+#: long one may be a token pasted into the wrong file (tokens are 64 characters or more).
+_QUOTABLE_LINE = 48
+
+
+def _quotable(line: str) -> bool:
+    return len(line) <= _QUOTABLE_LINE
+
+
 def _read_ini(path: Path, display: str, *, expected: str, quote: bool) -> list[_IniEntry]:
     """Read ``KEY = value`` lines without a section header, as the reference proxy does.
 
@@ -481,7 +516,7 @@ def _read_ini(path: Path, display: str, *, expected: str, quote: bool) -> list[_
     lines = [raw.strip() for raw in read_config_text(path, display).splitlines()]
 
     def bad(number: int, problem: str) -> ConfigError:
-        shown = f"{lines[number - 1]!r}: " if quote else ""
+        shown = f"{lines[number - 1]!r}: " if quote and _quotable(lines[number - 1]) else ""
         return ConfigError(f"{display}:{number}: {shown}{problem}")
 
     def key_name(key: str) -> str:
@@ -525,7 +560,10 @@ def _mapping_file_entries(path: Path, display: str, mode: Mode) -> list[_Sourced
         try:
             mapping = ServiceMapping(_service_id(key), _endpoint(value, mode))
         except _Invalid as exc:
-            raise ConfigError(f"{where}: '{key} = {value}': {exc}") from None
+            shown = f"{key} = {value}"
+            raise ConfigError(
+                f"{where}: {shown!r}: {exc}" if _quotable(shown) else f"{where}: {exc}"
+            ) from None
         entries.append(_Sourced(mapping, where))
     return entries
 
@@ -683,7 +721,7 @@ def _flatten(
         if isinstance(value, dict):
             _flatten(value, dotted + ".", out, display)
         elif dotted in out:
-            raise ConfigError(f"{display}: {dotted}: set twice")
+            raise ConfigError(f"{display}: {_key(dotted)}: set twice")
         else:
             out[dotted] = value
 
@@ -694,12 +732,12 @@ def _reference_int(value: object) -> int:
         return int(value)
     if isinstance(value, int) and not isinstance(value, bool):
         return value
-    raise _Invalid(f"expected an integer, not {value!r}")
+    raise _Invalid(f"expected an integer, not {_brief(value)}")
 
 
 def _settings_string(value: object) -> str:
     if not isinstance(value, str) or not value.strip():
-        raise _Invalid(f"expected a non-empty string, not {value!r}")
+        raise _Invalid(f"expected a non-empty string, not {_brief(value)}")
     return value.strip()
 
 
@@ -741,7 +779,7 @@ def _settings_entry(
         tuning[name] = number, key
     elif key in _REFERENCE_IGNORED:
         if not isinstance(value, str | int | bool):
-            raise _Invalid(f"expected a string, number or boolean, not {value!r}")
+            raise _Invalid(f"expected a string, number or boolean, not {_brief(value)}")
     elif key == _KEY_SUBPROTOCOL:
         if value != _SUBPROTOCOL:
             raise _Invalid(f"only {_SUBPROTOCOL!r} is supported; use -y V1|V2 for older peers")
@@ -764,7 +802,7 @@ def _read_settings_json(path: Path, display: str) -> _FileSettings:
         result: dict[str, object] = {}
         for key, value in pairs:
             if key in result:
-                raise ConfigError(f"{display}: key {key!r} appears twice in one object")
+                raise ConfigError(f"{display}: key {_brief(key)} appears twice in one object")
             result[key] = value
         return result
 
@@ -773,9 +811,11 @@ def _read_settings_json(path: Path, display: str) -> _FileSettings:
 
     text = read_config_text(path, display)
     try:
-        document = json.loads(text, object_pairs_hook=no_duplicates, parse_constant=no_constant)
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"{display}:{exc.lineno}: not valid JSON: {exc.msg}") from None
+        document = boundedjson.loads(
+            text, object_pairs_hook=no_duplicates, parse_constant=no_constant
+        )
+    except boundedjson.JSONInputError as exc:
+        raise ConfigError(f"{display}: {exc}") from None
     if not isinstance(document, dict):
         raise ConfigError(f"{display}: expected a JSON object at the top level")
     flat: dict[str, object] = {}
@@ -786,7 +826,7 @@ def _read_settings_json(path: Path, display: str) -> _FileSettings:
         try:
             _settings_entry(key, value, tuning, extra)
         except _Invalid as exc:
-            raise ConfigError(f"{display}: {key}: {exc}") from None
+            raise ConfigError(f"{display}: {_key(key)}: {exc}") from None
     values: dict[str, Any] = {name: value for name, (value, _) in tuning.items()}
     try:
         knobs = Tuning(**values)
@@ -858,13 +898,20 @@ _OPTIONS = (
         "ADDRESS",
         "address to listen on (source) or connect from (destination)",
     ),
-    _Option("capath", "c", "PATH", "CA file or directory of CA certificates for the service"),
-    _Option("no-ssl-host-verify", "k", None, "do not check the service certificate's host name"),
+    _Option(
+        "capath", "c", "PATH", "CA file or directory to trust for the service, besides the system's"
+    ),
+    _Option(
+        "no-ssl-host-verify",
+        "k",
+        None,
+        "do not verify the service's certificate at all (development and testing only)",
+    ),
     _Option(
         "verbose",
         "v",
         "LEVEL",
-        "0 off, 1 fatal, 2 error, 3 warning, 4 info (default), 5 debug, 6 trace",
+        "0 off, 1 fatal, 2 error, 3 warning, 4 info (default), 5 debug, 6..255 trace",
     ),
     _Option(
         "destination-client-type",
@@ -1050,7 +1097,7 @@ def _mode(given: _Given) -> Mode:
 def _verbosity(given: _Given) -> int:
     text = given.value.strip()
     if not _LEVEL_RE.fullmatch(text) or int(text) > 255:
-        _fail(given, "expected a level 0..6")
+        _fail(given, "expected a level 0..255 (0 off ... 4 info, 5 debug, 6 or more trace)")
     return min(int(text), _MAX_VERBOSITY)
 
 
@@ -1161,6 +1208,16 @@ def _existing_path(given: _Given, cwd: Path) -> Path:
     return path
 
 
+def _ca_path(given: _Given, cwd: Path) -> str:
+    """``-c``: an absolute path whose CA certificates load (checked before any connect)."""
+    path = str(_existing_path(given, cwd).absolute())
+    try:
+        load_ca(ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT), path)
+    except CAError as exc:
+        _fail(given, str(exc))
+    return path
+
+
 # --------------------------------------------------------------------------- load
 
 
@@ -1185,7 +1242,8 @@ def _resolve_mode(sources: _Sources) -> tuple[Mode, _Given | None]:
 
 def _resolve_mappings(
     sources: _Sources, mode: Mode, apps: _Given | None, cwd: Path
-) -> tuple[ServiceMapping, ...]:
+) -> tuple[tuple[ServiceMapping, ...], str | None]:
+    """The mappings, and a warning when the default ``./config`` was not usable."""
     from_cli: list[_Sourced] = []
     if apps is not None:
         from_cli = [
@@ -1195,14 +1253,31 @@ def _resolve_mappings(
     config_dir = sources.get("config-dir")
     from_files: list[_Sourced] = []
     read_dir: str | None = None
+    skipped: str | None = None
     if config_dir is not None:
         read_dir = config_dir.value.strip()
         if not read_dir or not (cwd / read_dir).is_dir():
             _fail(config_dir, "not a directory")
         from_files = _mapping_dir_entries(cwd / read_dir, read_dir, mode)
     elif apps is None and (cwd / DEFAULT_CONFIG_DIR).is_dir():
-        read_dir = DEFAULT_CONFIG_DIR
-        from_files = _mapping_dir_entries(cwd / read_dir, read_dir, mode)
+        # The implicit ./config may be some other program's settings (a checkout's or
+        # /etc/iotunnel's config/). Explicit --config-dir is strict; the default is used only
+        # when all of it reads as mappings, as the reference skips files it cannot parse.
+        try:
+            from_files = _mapping_dir_entries(cwd / DEFAULT_CONFIG_DIR, DEFAULT_CONFIG_DIR, mode)
+        except ConfigError as exc:
+            if mode is Mode.DESTINATION:
+                raise ConfigError(
+                    "destination mode needs a service mapping: give -d (e.g. -d SSH1=22) or "
+                    f"--config-dir; the default ./{DEFAULT_CONFIG_DIR} is not a mapping "
+                    f"directory: {exc}"
+                ) from None
+            skipped = (
+                f"not using ./{DEFAULT_CONFIG_DIR} for mappings ({exc}); every service gets a "
+                "free port (choose with -s or --config-dir)"
+            )
+        else:
+            read_dir = DEFAULT_CONFIG_DIR
 
     overridden = {entry.mapping.service_id for entry in from_cli}
     merged = from_cli + [e for e in from_files if e.mapping.service_id not in overridden]
@@ -1219,7 +1294,7 @@ def _resolve_mappings(
             "destination mode needs a service mapping: give -d (e.g. -d SSH1=22) or "
             f"SERVICE_ID = endpoint lines in --config-dir{where}"
         )
-    return tuple(entry.mapping for entry in merged)
+    return tuple(entry.mapping for entry in merged), skipped
 
 
 def _resolve_url(sources: _Sources, mode: Mode, settings: _FileSettings) -> str:
@@ -1263,7 +1338,9 @@ def _settings(sources: _Sources, cwd: Path, *, token_from_argv: bool) -> ProxySe
 
     bind = sources.get("local-bind-address")
     if bind is None:
-        bind_address = file_settings.default_bind_address
+        # The settings file's default is a listen address: a destination binds its outgoing
+        # connections only to an explicit -b (as the reference does).
+        bind_address = file_settings.default_bind_address if mode is Mode.SOURCE else None
     else:
         try:
             bind_address = _bind_address(bind.value.strip())
@@ -1272,19 +1349,21 @@ def _settings(sources: _Sources, cwd: Path, *, token_from_argv: bool) -> ProxySe
     capath = sources.get("capath")
     no_verify = sources.get("no-ssl-host-verify")
     verbose = sources.get("verbose")
+    mappings, skipped_config_dir = _resolve_mappings(sources, mode, apps, cwd)
     return ProxySettings(
         mode=mode,
         url=url,
         access_token=_access_token(token),
         client_token=None if client is None else _client_token(client),
-        mappings=_resolve_mappings(sources, mode, apps, cwd),
+        mappings=mappings,
         bind_address=bind_address,
-        ca_path=None if capath is None else str(_existing_path(capath, cwd).absolute()),
+        ca_path=None if capath is None else _ca_path(capath, cwd),
         verify_host=no_verify is None or not _switch(no_verify),
         verbosity=_DEFAULT_VERBOSITY if verbose is None else _verbosity(verbose),
         peer_version=peer_version,
         tuning=file_settings.tuning,
         access_token_from_argv=token_from_argv,
+        skipped_config_dir=skipped_config_dir,
     )
 
 

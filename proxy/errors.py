@@ -8,7 +8,8 @@
      |    +-- RemoteProtocolError
      +-- ConfigError                     bad flag, file line, variable or setting  -> exit 2
      +-- TransportError                  the network failed us
-          +-- HandshakeRefused           the service answered the upgrade with 4xx -> do not retry
+          +-- HandshakeRefused           the service answered the upgrade with 4xx or a redirect
+          |                              -> do not retry (exit 3)
           +-- ConnectFailed              TCP/TLS/proxy connect failed              -> retry
 
 Third-party exceptions (OSError, ssl, websockets) are mapped onto this tree only in
@@ -45,12 +46,13 @@ class TransportError(TunnelError):
 
 
 class HandshakeRefused(TransportError):
-    """The service refused the WebSocket upgrade with a 4xx status: retrying cannot help."""
+    """The service refused the WebSocket upgrade (4xx) or redirected it: retrying cannot help.
 
-    def __init__(self, status: int, reason: str) -> None:
-        super().__init__(
-            f"the tunnel service refused the connection: HTTP {status} {reason}".strip()
-        )
+    ``message`` is one line: what the service answered, and what to do about it.
+    """
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
         self.status = status
 
 

@@ -37,8 +37,14 @@ def run(settings: ProxySettings) -> int:
             "the access token was given with -t: other users can read a command line; "
             "prefer the AWSIOT_TUNNEL_ACCESS_TOKEN environment variable"
         )
+    if settings.skipped_config_dir is not None:
+        log.warning("%s", settings.skipped_config_dir)
     if not settings.verify_host:
-        log.warning("TLS host name verification is off (-k)")
+        log.warning(
+            "TLS certificate verification is OFF (-k): the tunnel service is not authenticated "
+            "and anyone on the network path can read the access token and the traffic; "
+            "use -k for development and testing only"
+        )
     tune_allocator()
     try:
         return _event_loop_runner()(_main(settings))

@@ -12,7 +12,9 @@ TagResource, UntagResource, ListTagsForResource (botocore's ``iotsecuretunneling
 lengths, ranges, patterns, enums); the rules of the service are in :mod:`service.control`.
 Timestamps are epoch seconds. Unknown members are ignored, as AWS does.
 
-Errors of the protocol itself: ``SerializationException`` (a body that is not a JSON object),
+Errors of the protocol itself: ``SerializationException`` (a body that is not a JSON object,
+is nested deeper than ``MAX_DEPTH`` levels, or, with HTTP 413, is over ``MAX_BODY`` bytes; the
+HTTP layer stops reading at that size: see :meth:`ManagementApi.http_error`),
 ``UnknownOperationException`` (a missing or unknown target), ``InvalidRequestException`` (a
 member of the wrong type or value). Responses hold tokens: bodies are never logged.
 """
@@ -28,6 +30,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from proxy import boundedjson
 from service.control import ApiError, ControlPlane, InvalidRequest
 from service.http import HttpRequest, HttpResponse
 from service.registry import TUNNEL_ID_RE, ConnectionState, Mode, Tunnel
@@ -39,6 +42,8 @@ TARGET_PREFIX = "IoTSecuredTunneling."
 CONTENT_TYPE = "application/x-amz-json-1.1"
 #: Largest request body accepted (the largest valid request is a few tens of KiB).
 MAX_BODY = 256 * 1024
+#: Deepest nesting of a request body (the deepest valid one, tags, has 3 levels).
+MAX_DEPTH = 8
 
 THING_NAME_RE = re.compile(r"[a-zA-Z0-9:_-]+")
 NEXT_TOKEN_RE = re.compile(r"[a-zA-Z0-9_=-]{1,4096}")
@@ -117,6 +122,16 @@ class ManagementApi:
     @property
     def operations(self) -> list[str]:
         return list(self._operations)
+
+    @staticmethod
+    def http_error(status: int, reason: str) -> HttpResponse:
+        """The :data:`service.http.ErrorHook` of the API: a request the HTTP layer refuses
+        (over ``MAX_BODY``, malformed HTTP) answered in the AWS shape, as a
+        ``SerializationException`` with the HTTP layer's status."""
+        error = SerializationError(reason)
+        response = error_response(error)
+        response = ApiResponse(status, response.body, response.error, response.request_id)
+        return HttpResponse(status, response.headers(), response.body)
 
     async def __call__(self, request: HttpRequest) -> HttpResponse:
         """The :data:`service.http.Handler` of the API."""
@@ -336,9 +351,9 @@ def _parse_body(body: bytes) -> Json:
     if not body.strip():
         return {}
     try:
-        params = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise SerializationError(f"request body is not valid JSON: {exc}") from None
+        params = boundedjson.loads(body, max_bytes=MAX_BODY, max_depth=MAX_DEPTH)
+    except boundedjson.JSONInputError as exc:  # its text never quotes the body
+        raise SerializationError(f"request body: {exc}") from None
     if not isinstance(params, dict):
         raise SerializationError("request body must be a JSON object")
     return params

@@ -1,8 +1,9 @@
 """A token bucket: the per-tunnel, per-direction bandwidth cap of the relay.
 
-AWS IoT Secure Tunneling caps each tunnel's bandwidth (PROTOCOL.md "Limits"); the self-hosted
-service can emulate that, so that fairness between the streams of one tunnel is measurable on
-loopback. Pure: the caller passes the time and sleeps for the delay returned.
+AWS IoT Secure Tunneling caps each tunnel's bandwidth (proxy/protocol/PROTOCOL.md, section
+'Limits'); the self-hosted service can emulate that, so that fairness between the streams of
+one tunnel is measurable on loopback. Pure: the caller passes the time and sleeps for the delay
+returned.
 
 Each WebSocket message is charged whole when it arrives; the bucket may go into debt, and the
 relay holds the message (and stops reading from its sender) until the debt is paid back. So a

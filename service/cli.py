@@ -42,6 +42,7 @@ from service.notify import LogNotifier, MqttNotifier, MqttSettings, Notifier
 from service.registry import ServiceIdRule, TunnelRegistry
 from service.server import Bandwidth, TunnelService
 from service.store import SqliteStore, StoreError
+from service.throttle import DEFAULT_THROTTLE, ThrottleSettings
 
 PROG = "iotunnel-service"
 #: Default port: the unprivileged sibling of 443 (AWS's port), so that no root is needed.
@@ -130,6 +131,16 @@ def _retention(text: str) -> float:
         raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
     if not 0 <= value < float("inf"):
         raise argparse.ArgumentTypeError(f"must be 0 or more seconds: {text!r}")
+    return value
+
+
+def _rate(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number per second: {text!r}") from None
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be 0 or more per second: {text!r}")
     return value
 
 
@@ -352,6 +363,32 @@ def build_parser() -> argparse.ArgumentParser:
         help="token bucket size of --bandwidth-limit (default: --max-message)",
     )
 
+    limits.add_argument(
+        "--handshake-failure-rate",
+        type=_rate,
+        default=DEFAULT_THROTTLE.rate,
+        metavar="PER_S",
+        help="failed /tunnel handshakes (401, 403, 404) an address earns back per second once "
+        "it has used its --handshake-failure-burst; while it has none, its handshakes get 429 "
+        "with Retry-After. 0: no throttling (default %(default)s)",
+    )
+    limits.add_argument(
+        "--handshake-failure-burst",
+        type=_int_range(1, 1_000_000),
+        default=DEFAULT_THROTTLE.burst,
+        metavar="N",
+        help="failed handshakes an address may have in a row before it is throttled "
+        "(default %(default)s)",
+    )
+    limits.add_argument(
+        "--handshake-throttle-addresses",
+        type=_int_range(1, 10_000_000),
+        default=DEFAULT_THROTTLE.max_addresses,
+        metavar="N",
+        help="addresses the throttle remembers at most, least recently seen forgotten first "
+        "(default %(default)s)",
+    )
+
     testing = parser.add_argument_group("testing")
     testing.add_argument(
         "--minute-seconds",
@@ -439,6 +476,7 @@ class _Setup:
     credentials: dict[str, str] | None
     mqtt: MqttSettings | None
     bandwidth: Bandwidth | None
+    throttle: ThrottleSettings
 
 
 def _tls(args: argparse.Namespace) -> ssl.SSLContext | None:
@@ -529,8 +567,11 @@ def _setup(args: argparse.Namespace) -> _Setup:
         if store is not None:
             store.close()
         raise
+    throttle = ThrottleSettings(
+        args.handshake_failure_rate, args.handshake_failure_burst, args.handshake_throttle_addresses
+    )
     return _Setup(
-        args, ssl_context, registry, store, control_settings, credentials, mqtt, bandwidth
+        args, ssl_context, registry, store, control_settings, credentials, mqtt, bandwidth, throttle
     )
 
 
@@ -551,7 +592,7 @@ def _configure_logging(verbose: bool) -> None:
 
 
 async def _serve(setup: _Setup) -> int:
-    from service.api import ManagementApi  # h11 is needed only with the API
+    from service.api import MAX_BODY, ManagementApi  # h11 is needed only with the API
     from service.http import HttpServer
     from service.sigv4 import SigV4Verifier
 
@@ -567,6 +608,7 @@ async def _serve(setup: _Setup) -> int:
         max_message=args.max_message,
         max_frame=args.max_frame,
         bandwidth=setup.bandwidth,
+        throttle=setup.throttle,
     )
     control = ControlPlane(
         setup.registry, data_plane=data_plane, notifier=notifier, settings=setup.control_settings
@@ -577,7 +619,10 @@ async def _serve(setup: _Setup) -> int:
         if setup.credentials is not None:
             verifier = SigV4Verifier(setup.credentials, args.region, setup.registry.clock)
         api_server = HttpServer(
-            ManagementApi(control, verifier=verifier), ssl_context=setup.ssl_context
+            ManagementApi(control, verifier=verifier),
+            ssl_context=setup.ssl_context,
+            max_body=MAX_BODY,
+            on_error=ManagementApi.http_error,
         )
     scheduler: asyncio.Task[None] | None = None
     try:

@@ -15,24 +15,30 @@ The tunnels file (see ``config/service.example.json``)::
                   "destinationAccessToken": "..."}]}
 
 Every error is a :class:`ConfigError` whose one-line message names the file and the field, and
-never contains a token.
+never contains a token; the tunnels file's name the flag too (``--tunnels FILE: ...``). The
+tunnels file is read through :mod:`proxy.boundedjson`: over ``MAX_TUNNELS_FILE`` bytes (checked
+before reading) or nested deeper than ``MAX_TUNNELS_DEPTH`` levels, it is refused in one line.
 """
 
 from __future__ import annotations
 
 import configparser
-import json
 import logging
 import ssl
 import stat
 from pathlib import Path
 from typing import Any
 
+from proxy import boundedjson
 from service.registry import InvalidTunnel, TunnelRegistry
 
 log = logging.getLogger(__name__)
 
 _TUNNEL_FIELDS = ("tunnelId", "services", "sourceAccessToken", "destinationAccessToken")
+#: Largest tunnels file (about 50,000 tunnels) and its deepest nesting (a valid one has 4
+#: levels: the document, the list, an entry, its services).
+MAX_TUNNELS_FILE = 16 * 1024 * 1024
+MAX_TUNNELS_DEPTH = 8
 
 
 class ConfigError(Exception):
@@ -53,25 +59,26 @@ def load_tunnels(path: Path | None, registry: TunnelRegistry) -> None:
     if path is None:
         _prune_static(registry, set(), None)
         return
+    name = f"--tunnels {path}"
     try:
-        text = path.read_text(encoding="utf-8")
-        mode = path.stat().st_mode
-    except (OSError, UnicodeDecodeError) as exc:
-        reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
-        raise ConfigError(f"{path}: cannot read: {reason}") from None
+        info = path.stat()
+        if info.st_size > MAX_TUNNELS_FILE:  # refused before it is read into memory
+            size = info.st_size
+            raise ConfigError(f"{name}: too large: {size} bytes, at most {MAX_TUNNELS_FILE}")
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"{name}: cannot read: {exc.strerror}") from None
     try:
-        document = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise ConfigError(
-            f"{path}: invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}"
-        ) from None
-    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        document = boundedjson.loads(data, max_bytes=MAX_TUNNELS_FILE, max_depth=MAX_TUNNELS_DEPTH)
+    except boundedjson.JSONInputError as exc:  # its text never quotes the file (tokens)
+        raise ConfigError(f"{name}: {exc}") from None
+    if info.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
         log.warning("%s holds access tokens and is readable by others; chmod 600 it", path)
     if not isinstance(document, dict) or set(document) != {"tunnels"}:
-        raise ConfigError(f'{path}: must be an object with the single field "tunnels"')
+        raise ConfigError(f'{name}: must be an object with the single field "tunnels"')
     tunnels = document["tunnels"]
     if not isinstance(tunnels, list):
-        raise ConfigError(f"{path}: tunnels: must be a list")
+        raise ConfigError(f"{name}: tunnels: must be a list")
     declared = {
         entry["tunnelId"]
         for entry in tunnels
@@ -80,7 +87,7 @@ def load_tunnels(path: Path | None, registry: TunnelRegistry) -> None:
     _prune_static(registry, declared, path)
     seen: set[str] = set()
     for index, entry in enumerate(tunnels):
-        where = f"{path}: tunnels[{index}]"
+        where = f"{name}: tunnels[{index}]"
         _check_entry(entry, where)
         tunnel_id = entry["tunnelId"]
         if tunnel_id in seen:

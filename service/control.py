@@ -29,12 +29,14 @@ import base64
 import binascii
 import json
 import logging
+import math
 import secrets
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import ClassVar, Protocol
 
+from proxy import boundedjson
 from service.notify import LogNotifier, Notification, Notifier
 from service.registry import InvalidTunnel, Mode, Tunnel, TunnelRegistry
 
@@ -46,6 +48,8 @@ MAX_SLEEP = 30.0
 #: AWS's bounds of ``maxLifetimeTimeoutMinutes``.
 MIN_LIFETIME = 1
 MAX_LIFETIME = 720
+#: Largest decoded nextToken (one we issue is a timestamp and a tunnel id: well under this).
+MAX_CURSOR = 1024
 
 
 class ApiError(Exception):
@@ -388,8 +392,18 @@ def _encode_cursor(tunnel: Tunnel) -> str:
 
 
 def _decode_cursor(token: str) -> tuple[float, str]:
+    """The sort key a nextToken of :func:`_encode_cursor` holds. The token comes from the
+    client: anything but ``[<finite number>, <string>]`` is refused."""
     try:
-        created_at, tunnel_id = json.loads(base64.urlsafe_b64decode(token.encode()))
-        return (-float(created_at), str(tunnel_id))
-    except (binascii.Error, ValueError, TypeError, UnicodeDecodeError):
+        raw = base64.urlsafe_b64decode(token.encode("ascii"))
+        cursor = boundedjson.loads(raw, max_bytes=MAX_CURSOR, max_depth=1)
+        if not isinstance(cursor, list) or len(cursor) != 2:
+            raise ValueError
+        created_at, tunnel_id = cursor
+        if isinstance(created_at, bool) or not isinstance(created_at, int | float):
+            raise ValueError
+        if not isinstance(tunnel_id, str) or not math.isfinite(created_at := float(created_at)):
+            raise ValueError
+    except (binascii.Error, ValueError, OverflowError):  # JSONInputError is a ValueError
         raise InvalidRequest("nextToken: not a token this service issued") from None
+    return (-created_at, tunnel_id)

@@ -2,8 +2,10 @@
 
 h11 does the parsing and the framing (sans-IO, like the rest of the service); this module reads
 and writes the bytes: one task per connection, keep-alive, bounded request size, timeouts, and
-``Expect: 100-continue``. Each request is read whole (bodies are small: see ``MAX_BODY``) and
-handed to the application, a coroutine function :data:`Handler`.
+``Expect: 100-continue``. Each request is read whole (bodies are small: at most ``max_body``
+bytes, a larger declared Content-Length is refused before any of it is read) and handed to the
+application, a coroutine function :data:`Handler`. Requests the server refuses itself (413,
+malformed HTTP) are logged in one line and answered by an :data:`ErrorHook` if given.
 
 TLS, when given an :class:`ssl.SSLContext`, is asyncio's.
 """
@@ -31,6 +33,9 @@ CLOSE_TIMEOUT = 5.0
 MAX_HEAD = 16 * 1024
 #: Largest request body.
 MAX_BODY = 1024 * 1024
+#: What is read and dropped, at most, after refusing a request, before closing (see _refuse).
+LINGER_BYTES = 4 * 1024 * 1024
+LINGER_TIMEOUT = 5.0
 _READ_SIZE = 64 * 1024
 
 
@@ -58,6 +63,9 @@ class HttpResponse:
 
 
 Handler = Callable[[HttpRequest], Awaitable[HttpResponse]]
+#: Shapes the responses the server itself sends (malformed HTTP, a body over the limit):
+#: ``(status, reason) -> response``. Without one they are plain text.
+ErrorHook = Callable[[int, str], HttpResponse]
 
 
 class _Closed(Exception):
@@ -73,9 +81,18 @@ class HttpServer:
     await server.close()
     """
 
-    def __init__(self, handler: Handler, *, ssl_context: ssl.SSLContext | None = None) -> None:
+    def __init__(
+        self,
+        handler: Handler,
+        *,
+        ssl_context: ssl.SSLContext | None = None,
+        max_body: int = MAX_BODY,
+        on_error: ErrorHook | None = None,
+    ) -> None:
         self._handler = handler
         self._ssl = ssl_context
+        self._max_body = max_body
+        self._on_error = on_error
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._writers: set[asyncio.StreamWriter] = set()
@@ -147,13 +164,16 @@ class HttpServer:
                 if isinstance(event, h11.ConnectionClosed):
                     return
                 assert isinstance(event, h11.Request), event
+                if _declared_length(event) > self._max_body:
+                    raise _BodyTooLarge  # refused before a byte of it is read
                 async with asyncio.timeout(REQUEST_TIMEOUT):
                     body = await self._read_body(conn, reader, writer)
             except h11.RemoteProtocolError as exc:
-                await _send_error(conn, writer, exc.error_status_hint, str(exc))
+                await self._refuse(conn, reader, writer, peer, exc.error_status_hint, str(exc))
                 return
             except _BodyTooLarge:
-                await _send_error(conn, writer, 413, f"request body over {MAX_BODY} bytes")
+                reason = f"request body over {self._max_body} bytes"
+                await self._refuse(conn, reader, writer, peer, 413, reason)
                 return
             request = HttpRequest(
                 event.method.decode("ascii", "replace"),
@@ -180,7 +200,7 @@ class HttpServer:
             event = await _next_event(conn, reader)
             if isinstance(event, h11.Data):
                 size += len(event.data)
-                if size > MAX_BODY:
+                if size > self._max_body:
                     raise _BodyTooLarge
                 chunks.append(bytes(event.data))
             elif isinstance(event, h11.EndOfMessage):
@@ -188,9 +208,39 @@ class HttpServer:
             else:
                 raise _Closed
 
+    async def _refuse(
+        self,
+        conn: h11.Connection,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        peer: str,
+        status: int,
+        reason: str,
+    ) -> None:
+        """Answer a request the server cannot hand to the application, log one line, close."""
+        log.info("http: refused a request from %s: %d %s", peer, status, reason)
+        response = None if self._on_error is None else self._on_error(status, reason)
+        await _send_error(conn, writer, status, reason, response)
+        # Read (and drop) what the client is still sending before closing: closing a socket
+        # with unread data resets it, and the client, still writing its body, might never
+        # read the answer. Bounded in bytes and time.
+        with contextlib.suppress(OSError, TimeoutError, ssl.SSLError):
+            async with asyncio.timeout(LINGER_TIMEOUT):
+                left = LINGER_BYTES
+                while left > 0 and (data := await reader.read(min(left, _READ_SIZE))):
+                    left -= len(data)
+
 
 class _BodyTooLarge(Exception):
     pass
+
+
+def _declared_length(request: h11.Request) -> int:
+    """The request's Content-Length (h11 has checked it is one decimal number), or 0."""
+    for name, value in request.headers:
+        if name == b"content-length":
+            return int(value)
+    return 0
 
 
 async def _next_event(conn: h11.Connection, reader: asyncio.StreamReader) -> object:
@@ -219,15 +269,20 @@ async def _send(conn: h11.Connection, writer: asyncio.StreamWriter, response: Ht
 
 
 async def _send_error(
-    conn: h11.Connection, writer: asyncio.StreamWriter, status: int, reason: str
+    conn: h11.Connection,
+    writer: asyncio.StreamWriter,
+    status: int,
+    reason: str,
+    response: HttpResponse | None = None,
 ) -> None:
-    """A plain-text error response, if the connection is still in a state to send one."""
+    """An error response (plain text unless ``response`` is given) that closes the connection,
+    if the connection is still in a state to send one."""
     if conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
         return
-    body = (reason + "\n").encode()
-    response = HttpResponse(
-        status, [("content-type", "text/plain; charset=utf-8"), ("connection", "close")], body
-    )
+    if response is None:
+        body = (reason + "\n").encode()
+        response = HttpResponse(status, [("content-type", "text/plain; charset=utf-8")], body)
+    response = HttpResponse(status, [*response.headers, ("connection", "close")], response.body)
     with contextlib.suppress(h11.LocalProtocolError, ConnectionError):
         await _send(conn, writer, response)
 

@@ -1,7 +1,7 @@
 """Device notifications: what AWS IoT Core publishes to a thing when a tunnel is opened for it.
 
-Topic ``$aws/things/<thing>/tunnels/notify``, QoS 1, payload (PROTOCOL.md "Device
-notification")::
+Topic ``$aws/things/<thing>/tunnels/notify``, QoS 1, payload (proxy/protocol/PROTOCOL.md,
+section 'Device notification')::
 
     {"clientAccessToken": "...", "clientMode": "destination", "region": "us-east-1",
      "services": ["HTTP1", "SSH1"]}

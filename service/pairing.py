@@ -3,7 +3,8 @@
 Pure: messages in, routing decisions out. The server owns the sockets; a :class:`Pairing` only
 holds opaque peer handles (compared by identity) and the active stream of each service.
 
-The rules (PROTOCOL.md "Rules", the V2/V3 WebSocket protocol guides):
+The rules (proxy/protocol/PROTOCOL.md, section 'What the service relays'; the reference's V2/V3
+WebSocket protocol guides):
 
 - a source may send DATA, STREAM_START, STREAM_RESET, CONNECTION_START and CONNECTION_RESET;
   a destination DATA, STREAM_RESET and CONNECTION_RESET; SERVICE_IDS and SESSION_RESET come

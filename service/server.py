@@ -17,6 +17,9 @@ The registry's connection states (``sourceConnectionState``/``destinationConnect
 DescribeTunnel) follow the peers: set when the first peer of a mode attaches, cleared when the
 last one leaves.
 
+Failed handshakes (401, 403, 404) are throttled per source address (:mod:`service.throttle`):
+an address out of failures gets 429 with ``Retry-After`` until it has earned one back.
+
 Close codes sent by the service: 1000 when the tunnel is closed or expires, when the peer's
 access token is rotated, or when the peer is replaced by a new connection of the same mode;
 1001 when the service shuts down, 1002 for an undecodable tunnel frame, 1003 for a text
@@ -26,11 +29,13 @@ message, 1009 for a message over the size limit (131076 bytes unless configured)
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import ssl
 import weakref
 from collections.abc import Coroutine, Iterable, Sequence
 from dataclasses import dataclass
+from http import HTTPStatus
 from types import TracebackType
 from typing import Any, Self
 
@@ -41,6 +46,7 @@ from websockets.http11 import Request, Response
 from websockets.protocol import State
 from websockets.typing import Subprotocol
 
+from proxy.io.memory import HeapTrimmer
 from proxy.io.sockets import RECEIVE_BUFFER, tune_listener, tune_transport
 from proxy.protocol.errors import RemoteProtocolError
 from proxy.protocol.framing import MAX_WS_MESSAGE, Decoder
@@ -49,6 +55,7 @@ from service.bandwidth import TokenBucket
 from service.handshake import Admission, Candidate, HandshakeRequest, Refusal, check, claim
 from service.pairing import Pairing, describe, pack
 from service.registry import Mode, TunnelRegistry
+from service.throttle import COUNTED, DEFAULT_THROTTLE, HandshakeThrottle, ThrottleSettings
 
 log = logging.getLogger(__name__)
 
@@ -155,8 +162,12 @@ class TunnelService:
         max_message: int = MAX_WS_MESSAGE,
         max_frame: int = MAX_MESSAGE,
         bandwidth: Bandwidth | None = None,
+        throttle: ThrottleSettings | None = DEFAULT_THROTTLE,
     ) -> None:
         self._registry = registry
+        self._throttle = (
+            HandshakeThrottle(throttle) if throttle is not None and throttle.enabled else None
+        )
         self._max_message = max_message
         self._max_frame = max_frame
         self._bandwidth = bandwidth
@@ -180,6 +191,8 @@ class TunnelService:
         self._tasks: set[asyncio.Task[None]] = set()
         #: set (and replaced) whenever a peer attaches or detaches
         self._peers_changed = asyncio.Event()
+        #: returns what connections leave as holes in the heap (see proxy/io/memory.py)
+        self.trimmer = HeapTrimmer()
 
     @property
     def registry(self) -> TunnelRegistry:
@@ -251,6 +264,7 @@ class TunnelService:
             await server.wait_closed()
         while self._tasks:
             await asyncio.gather(*self._tasks)
+        self.trimmer.close()
 
     async def __aenter__(self) -> Self:
         return self
@@ -360,6 +374,11 @@ class TunnelService:
     # Handshake hooks (websockets calls them in this order, without awaiting in between).
 
     def _process_request(self, connection: ServerConnection, request: Request) -> Response | None:
+        if self._throttle is not None:
+            key = self._throttle.key(_host(connection))
+            wait = self._throttle.retry_after(key, self._throttle_time())
+            if wait:  # before anything of the request is looked at
+                return self._throttled(connection, key, wait)
         outcome = check(
             HandshakeRequest(request.path, list(request.headers.raw_items())), self._registry
         )
@@ -387,7 +406,30 @@ class TunnelService:
         response.headers["channel-id"] = str(connection.id)
         return None
 
+    def _throttle_time(self) -> float:
+        """The monotonic time of the handshake throttle (a seam for tests)."""
+        return asyncio.get_running_loop().time()
+
+    def _throttled(self, connection: ServerConnection, key: str, wait: int) -> Response:
+        """429 for an address out of failed handshakes: logged once per episode, no more."""
+        assert self._throttle is not None
+        level = logging.INFO if self._throttle.first_refusal(key) else logging.DEBUG
+        log.log(
+            level,
+            "refused %s: 429 too many failed handshakes from %s; throttled for %d s",
+            _address(connection),
+            key,
+            wait,
+        )
+        reason = f"too many failed handshakes from this address; retry after {wait} s"
+        response = connection.respond(HTTPStatus.TOO_MANY_REQUESTS, reason + "\n")
+        response.headers["Retry-After"] = str(wait)
+        return response
+
     def _refuse(self, connection: ServerConnection, refusal: Refusal) -> Response:
+        if self._throttle is not None and refusal.status in COUNTED:
+            key = self._throttle.key(_host(connection))
+            self._throttle.failed(key, self._throttle_time())
         tunnel = f" (tunnel {refusal.tunnel_id})" if refusal.tunnel_id else ""
         log.info(
             "refused %s: %d %s%s",
@@ -460,6 +502,7 @@ class TunnelService:
                 peer.dropped,
             )
             await self._send(pairing.peer(mode.other), resets)
+            self.trimmer.request()
 
     async def _relay(self, pairing: Pairing[_Peer], peer: _Peer) -> None:
         """Forward what ``peer`` sends until its connection closes."""
@@ -470,13 +513,15 @@ class TunnelService:
             async for data in ws:
                 if isinstance(data, str):
                     log.warning("%s sent a text message; closing", peer)
-                    await ws.close(CloseCode.UNSUPPORTED_DATA, "binary messages only")
+                    await _close_discarding(ws, CloseCode.UNSUPPORTED_DATA, "binary messages only")
                     return
                 try:
                     messages = decoder.feed(data)
                 except RemoteProtocolError as exc:
                     log.warning("%s: %s; closing", peer, exc)
-                    await ws.close(CloseCode.PROTOCOL_ERROR, "undecodable tunnel frame")
+                    await _close_discarding(
+                        ws, CloseCode.PROTOCOL_ERROR, "undecodable tunnel frame"
+                    )
                     return
                 routing = pairing.receive(peer.mode, peer, messages)
                 for drop in routing.dropped:
@@ -510,6 +555,35 @@ class TunnelService:
         task = asyncio.get_running_loop().create_task(coroutine, name=name)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+
+async def _close_discarding(ws: ServerConnection, code: CloseCode, reason: str) -> None:
+    """Close ``ws`` while reading (and dropping) what it still sends.
+
+    websockets stops reading a connection while ``MAX_QUEUE`` messages wait for the handler:
+    a handler that closes instead of reading on would never see the peer's answer to its close
+    frame, and the close would stall for ``CLOSE_TIMEOUT``.
+    """
+
+    async def discard() -> None:
+        with contextlib.suppress(ConnectionClosed):
+            async for _ in ws:
+                pass
+
+    reader = asyncio.get_running_loop().create_task(discard(), name="discard")
+    try:
+        await ws.close(code, reason)
+    finally:
+        reader.cancel()
+        await asyncio.wait([reader])  # without swallowing a cancellation of our own
+
+
+def _host(connection: ServerConnection) -> str:
+    """The remote host (address) of a connection, for the handshake throttle."""
+    address = connection.remote_address
+    if isinstance(address, tuple) and address:
+        return str(address[0])
+    return str(address)
 
 
 def _address(connection: ServerConnection) -> str:

@@ -5,13 +5,19 @@ carry an ``Authorization: AWS4-HMAC-SHA256 Credential=<key id>/<date>/<region>/<
 aws4_request, SignedHeaders=..., Signature=...`` header and an ``X-Amz-Date`` within 15 minutes
 of the service's clock. The signature is computed again by ``botocore.auth.SigV4Auth`` over the
 request as received (method, path, query, the signed headers, the body's SHA-256) and compared
-in constant time. Failures carry the AWS error types (HTTP 403):
+in constant time. The signature must cover ``host``, ``x-amz-date``, ``x-amz-target`` (so that
+it authorizes one operation: a DescribeTunnel signature cannot be replayed as a CloseTunnel)
+and every ``x-amz-*`` header sent; the canonical request always holds the body's real SHA-256
+(an ``X-Amz-Content-SHA256`` header, signed or not, must be that hash: ``UNSIGNED-PAYLOAD`` is
+refused). Failures carry the AWS error types (HTTP 403):
 
 - ``MissingAuthenticationTokenException``: no Authorization header;
-- ``IncompleteSignatureException``: a malformed one, or no ``X-Amz-Date``;
+- ``IncompleteSignatureException``: a malformed one, no ``X-Amz-Date``, or a required header
+  (see above) missing from ``SignedHeaders``;
 - ``UnrecognizedClientException``: an access key id the service does not know;
-- ``InvalidSignatureException``: a wrong signature, region, service or date, or a request
-  signed too long ago or too far in the future.
+- ``InvalidSignatureException``: a wrong signature, region, service or date, a request
+  signed too long ago or too far in the future, or an ``X-Amz-Content-SHA256`` that is not
+  the body's hash.
 
 Without configured credentials the service does not check signatures at all (signed and
 unsigned requests alike are accepted): fine on loopback and in tests, not on a network.
@@ -20,6 +26,7 @@ unsigned requests alike are accepted): fine on loopback and in tests, not on a n
 from __future__ import annotations
 
 import datetime
+import hashlib
 import hmac
 import re
 from collections.abc import Mapping, Sequence
@@ -30,6 +37,11 @@ from service.control import ApiError
 
 #: The signing name of the service in the credential scope (botocore's ``signingName``).
 SIGNING_NAME = "IoTSecuredTunneling"
+#: Headers every signature must cover: the host, the date (no replay outside the skew) and the
+#: operation (no DescribeTunnel signature replayed as a CloseTunnel).
+REQUIRED_SIGNED = ("host", "x-amz-date", "x-amz-target")
+#: The header that states the body's SHA-256; when sent, it must be the body's.
+CONTENT_SHA256 = "x-amz-content-sha256"
 #: How far the request's X-Amz-Date may be from the service's clock, as AWS allows.
 MAX_SKEW = 15 * 60.0
 
@@ -133,9 +145,26 @@ class SigV4Verifier:
                 f"Signature expired: {amz_date[0]} is not within 15 minutes of the service time"
             )
         signed_names = match["headers"].split(";")
-        if "host" not in signed_names or any(name not in values for name in signed_names):
+        for name in REQUIRED_SIGNED:
+            if name not in signed_names:
+                raise IncompleteSignature(
+                    f"'{_display(name)}' must be a 'SignedHeader' in the AWS Authorization."
+                )
+        unsigned = sorted(n for n in values if n.startswith("x-amz-") and n not in signed_names)
+        if unsigned:
+            raise IncompleteSignature(
+                f"every x-amz-* header must be signed; not in SignedHeaders: {', '.join(unsigned)}"
+            )
+        if any(name not in values for name in signed_names):
+            raise InvalidSignature("SignedHeaders must name only headers that were sent")
+        claimed = values.get(CONTENT_SHA256)
+        if claimed is not None and (
+            len(claimed) != 1 or claimed[0].strip() != hashlib.sha256(body).hexdigest()
+        ):
+            # botocore (like AWS) puts this header's value in the canonical request in place
+            # of the body's hash: unchecked, a signed request could carry any other body.
             raise InvalidSignature(
-                "SignedHeaders must include host and name only headers that were sent"
+                f"The provided {CONTENT_SHA256} header does not match what was computed."
             )
         expected = _signature(
             method,
@@ -154,6 +183,11 @@ class SigV4Verifier:
                 "The request signature we calculated does not match the signature you provided."
             )
         return key_id
+
+
+def _display(name: str) -> str:
+    """``x-amz-target`` -> ``X-Amz-Target``, as AWS names headers in its messages."""
+    return "-".join(part.capitalize() for part in name.split("-"))
 
 
 def _header_map(headers: Sequence[tuple[str, str]]) -> dict[str, list[str]]:
@@ -187,7 +221,10 @@ def _signature(
         request.headers.add_header(name, value)
     request.context["timestamp"] = amz_date
     auth = SigV4Auth(Credentials(key_id, secret), SIGNING_NAME, region)
-    if auth.signed_headers(auth.headers_to_sign(request)) != ";".join(sorted(signed_names)):
-        return None
-    canonical = auth.canonical_request(request)
+    try:
+        if auth.signed_headers(auth.headers_to_sign(request)) != ";".join(sorted(signed_names)):
+            return None
+        canonical = auth.canonical_request(request)
+    except ValueError:  # a Host (or target) that makes no URL, such as "[": not signable
+        raise InvalidSignature("Host header and request target do not form a valid URL") from None
     return str(auth.signature(auth.string_to_sign(request, canonical), request))

@@ -16,6 +16,7 @@ import sqlite3
 from pathlib import Path
 from typing import Any
 
+from proxy import boundedjson
 from service.registry import ConnectionState, Grant, Tunnel, TunnelStatus
 
 #: Bumped when the row format changes; an unknown version is refused, not guessed at.
@@ -144,7 +145,7 @@ class SqliteStore:
         )
         for tunnel_id, data in rows:
             try:
-                tunnels.append(from_record(json.loads(data)))
+                tunnels.append(from_record(boundedjson.loads(data)))
             except (KeyError, TypeError, ValueError, IndexError) as exc:
                 raise StoreError(
                     f"{self.path}: tunnel {tunnel_id!r}: malformed row ({exc!r})"

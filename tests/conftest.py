@@ -17,14 +17,14 @@ import pytest
 # pytest puts this directory on sys.path (this conftest has no package), where tests/proxy and
 # tests/service would pass for packages named ``proxy`` and ``service``; and the repository root
 # is not on sys.path under the ``pytest`` script. Put the root first, so that the real packages
-# (and ``bench``) win.
+# win and ``testbed``, ``demo`` and ``bench`` (used from the checkout, never installed) are found.
 _ROOT = str(Path(__file__).resolve().parent.parent)
 if _ROOT in sys.path:
     sys.path.remove(_ROOT)
 sys.path.insert(0, _ROOT)
 
-from bench.harness import Stack  # noqa: E402
-from bench.pki import PKI  # noqa: E402
+from testbed.harness import Stack  # noqa: E402
+from testbed.pki import PKI  # noqa: E402
 
 #: One millisecond of timeout, in seconds, scaled for slow machines.
 MS = 0.001 * float(os.environ.get("IOTUNNEL_TEST_TIMEOUT_FACTOR", "1"))

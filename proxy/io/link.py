@@ -1,27 +1,31 @@
 """The WebSocket link to the tunnel service: handshake, TLS, socket options, error mapping.
 
-This is the only module that imports websockets for the proxy; it maps the library's and the
-operating system's exceptions onto :mod:`proxy.errors`.
+This is the only module of the proxy that opens a WebSocket (:mod:`proxy.io.tunnel` only uses
+the open connection); it maps the library's and the operating system's exceptions onto
+:mod:`proxy.errors`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import re
 import ssl
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from urllib.parse import urlsplit
 
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import InvalidHandshake, InvalidStatus, InvalidURI
 from websockets.typing import Subprotocol
 
 from proxy import __version__
-from proxy.errors import ConnectFailed, HandshakeRefused
+from proxy.errors import ConfigError, ConnectFailed, HandshakeRefused
 from proxy.io.sockets import tune_transport
 from proxy.protocol.framing import MAX_WS_MESSAGE
+from proxy.tls import CAError, ssl_context
+
+__all__ = ["LinkOptions", "close_cause", "map_exceptions", "open_link", "prepare", "ssl_context"]
 
 log = logging.getLogger("proxy.link")
 
@@ -31,8 +35,6 @@ SUBPROTOCOLS: dict[str, int] = {
     "aws.iot.securetunneling-2.0": 2,
     "aws.iot.securetunneling-1.0": 1,
 }
-#: How OpenSSL names the entries of a CA directory: subject hash, dot, sequence number.
-_HASHED = re.compile(r"[0-9a-f]{8}\.[0-9]+")
 # Queues below the fair scheduler are kept small (proxy/io/sockets.py), so that it, not a FIFO
 # buffer, decides what goes next. Measured with bench scenario 4 (bench/RESULTS.md).
 #: websockets' own write buffer high-water mark.
@@ -49,67 +51,170 @@ class LinkOptions:
     access_token: str
     client_token: str | None
     ca_path: str | None
+    #: False with ``-k``: the service's certificate is not verified at all.
     verify_host: bool
     open_timeout: float
     ping_interval: float
+    #: The TLS context, made once by :func:`prepare`.
+    tls: ssl.SSLContext | None = None
 
 
-def ssl_context(ca_path: str | None, verify_host: bool) -> ssl.SSLContext:
-    """TLS 1.2+ with certificate verification; ``ca_path`` is a CA file or a directory.
+def prepare(options: LinkOptions) -> LinkOptions:
+    """``options`` with its TLS context made, once for every connect of this process.
 
-    Without ``ca_path`` the system's CAs are trusted. Where the system has a hashed CA
-    directory (Debian's /etc/ssl/certs), OpenSSL looks CAs up there as it needs them, rather
-    than parsing the whole bundle file into memory (about 140 certificates, 1.3 MiB of every
-    proxy's resident memory); the two hold the same CAs. ``SSL_CERT_FILE`` keeps its meaning.
+    Raises:
+        ConfigError: The ``-c`` CA file or directory cannot be loaded (it was checked when the
+            configuration was read, so it changed since).
     """
-    if ca_path is None:
-        directory = _hashed_ca_directory()
-        ctx = ssl.create_default_context(capath=directory)  # None: the system's defaults
-    elif os.path.isdir(ca_path):
-        ctx = ssl.create_default_context(capath=ca_path)
-    else:
-        ctx = ssl.create_default_context(cafile=ca_path)
-    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-    if not verify_host:
-        ctx.check_hostname = False
-    return ctx
-
-
-def _hashed_ca_directory() -> str | None:
-    """OpenSSL's CA directory if it holds hashed entries and no CA file is forced, else None."""
-    if os.environ.get("SSL_CERT_FILE"):
-        return None
-    directory = ssl.get_default_verify_paths().capath
-    if not directory:
-        return None
+    if not options.url.startswith("wss://") or options.tls is not None:
+        return options
     try:
-        with os.scandir(directory) as entries:
-            if any(_HASHED.fullmatch(entry.name) for entry in entries):
-                return directory
-    except OSError:
-        pass
-    return None
+        context = ssl_context(options.ca_path, options.verify_host)
+    except CAError as exc:
+        raise ConfigError(f"-c: {options.ca_path}: {exc}") from None
+    return replace(options, tls=context)
+
+
+class _Connect(connect):
+    """websockets' connect without its redirects: a 3xx answer is a refusal.
+
+    A redirect would send the access token to wherever the answer points.
+    """
+
+    def process_redirect(self, exc: Exception) -> Exception | str:
+        return exc
+
+
+#: Longest reason from the service that the proxy repeats.
+_MAX_REASON = 200
+_UNPRINTABLE = re.compile(r"[^\x20-\x7e]+")
+
+
+def _clean(text: str, secrets: tuple[str, ...]) -> str:
+    """Printable ASCII, one line, bounded, with no token in it."""
+    for secret in secrets:
+        if secret:
+            text = text.replace(secret, "[secure]")
+    text = " ".join(_UNPRINTABLE.sub(" ", text).split())
+    if len(text) > _MAX_REASON:
+        text = text[: _MAX_REASON - 3].rstrip() + "..."
+    return text
+
+
+def _refusal_hint(status: int, reason: str) -> str:
+    """What to do about a refused handshake, from the service's reason or else its status."""
+    lowered = reason.lower()
+    if "mode" in lowered and "token" in lowered:
+        return (
+            "the access token is for the other end of the tunnel: use the other token "
+            "(source or destination) or the other -m"
+        )
+    if "client token" in lowered or "client-token" in lowered:
+        return (
+            "the access token is bound to another client token (another proxy uses it, or it "
+            "was first used with another -i): rotate the access token "
+            "(aws iotsecuretunneling rotate-tunnel-access-token)"
+        )
+    if status == 410 or "closed" in lowered or "expired" in lowered:
+        return "the tunnel is closed or has expired: open a new tunnel"
+    if status in (401, 403) or "token" in lowered:
+        return (
+            "the access token is wrong, used or revoked: rotate it "
+            "(aws iotsecuretunneling rotate-tunnel-access-token) and pass the new one"
+        )
+    if status == 404:
+        return "no tunnel endpoint at this address: check -e or -r"
+    return "check the endpoint (-e/-r), the mode (-m) and the access token"
+
+
+def _refused(exc: InvalidStatus, secrets: tuple[str, ...]) -> HandshakeRefused:
+    response = exc.response
+    status = response.status_code
+    if 300 <= status < 400:
+        try:
+            host = urlsplit(response.headers.get("Location", "")).hostname
+        except ValueError:  # not a URL
+            host = None
+        where = f" to {_clean(host, secrets)}" if host else ""
+        return HandshakeRefused(
+            status,
+            f"the tunnel service answered with a redirect{where} (HTTP {status}); "
+            "not following it: check -e or -r",
+        )
+    body = response.body.decode("utf-8", "replace") if response.body else ""
+    reason = _clean(body, secrets) or _clean(response.reason_phrase, secrets)
+    head = f"the tunnel service refused the connection: HTTP {status}"
+    text = f"{head} ({reason})" if reason else head
+    return HandshakeRefused(status, f"{text}: {_refusal_hint(status, reason)}")
+
+
+def close_cause(ws: ClientConnection, secrets: tuple[str, ...] = ()) -> str:
+    """How a WebSocket ended, for a log line: who closed it with which code, or ``""``."""
+    protocol = ws.protocol
+    received, sent = protocol.close_rcvd, protocol.close_sent
+    if sent is not None and (received is None or not protocol.close_rcvd_then_sent):
+        frame, by = sent, "closed by this proxy"
+    elif received is not None:
+        frame, by = received, "closed by the service"
+    elif ws.close_code is None:
+        return ""
+    else:
+        return " (dropped without a close frame)"
+    reason = _clean(frame.reason, secrets)
+    return f" ({by}: {frame.code}{' ' + reason if reason else ''})"
+
+
+#: OpenSSL's verification results that mean the certificate's dates and the clock disagree.
+_CLOCK_ERRORS = {9: "is not yet valid", 10: "has expired"}
+_HOSTNAME_MISMATCH = 62
+_UNTRUSTED = {18, 19, 20, 21}
+
+
+def _verification_failed(exc: ssl.SSLCertVerificationError) -> ConnectFailed:
+    code = exc.verify_code
+    head = "TLS verification of the service failed"
+    if code in _CLOCK_ERRORS:
+        return ConnectFailed(
+            f"{head}: its certificate {_CLOCK_ERRORS[code]} by this device's clock: "
+            "check the system clock (NTP)"
+        )
+    if code == _HOSTNAME_MISMATCH:
+        return ConnectFailed(
+            f"{head}: {exc.verify_message}: check -e or -r "
+            "(-k turns verification off, for development and testing only)"
+        )
+    if code in _UNTRUSTED:
+        return ConnectFailed(
+            f"{head}: {exc.verify_message}: the certificate's CA is not trusted; "
+            "give it with -c (-k turns verification off, for development and testing only)"
+        )
+    return ConnectFailed(f"{head}: {exc.verify_message or exc.reason or exc}")
 
 
 @contextlib.contextmanager
-def map_exceptions() -> Iterator[None]:
-    """Translate handshake failures into HandshakeRefused (4xx) or ConnectFailed."""
+def map_exceptions(secrets: tuple[str, ...] = ()) -> Iterator[None]:
+    """Translate handshake failures into HandshakeRefused (3xx, 4xx) or ConnectFailed.
+
+    ``secrets`` are removed from anything the service sent that goes into a message.
+    """
     try:
         yield
     except InvalidStatus as exc:
         status = exc.response.status_code
-        reason = exc.response.reason_phrase
-        if 400 <= status < 500:
-            raise HandshakeRefused(status, reason) from None
-        raise ConnectFailed(f"the tunnel service answered HTTP {status} {reason}") from None
+        if 300 <= status < 500 and status != 429:
+            raise _refused(exc, secrets) from None
+        reason = _clean(exc.response.reason_phrase, secrets)
+        raise ConnectFailed(
+            f"the tunnel service answered HTTP {status} {reason}".rstrip()
+        ) from None
     except InvalidURI as exc:
         raise ConnectFailed(f"invalid service URL: {exc}") from None
     except ssl.SSLCertVerificationError as exc:
-        raise ConnectFailed(
-            f"TLS verification of the service failed: {exc.verify_message}"
-        ) from None
+        raise _verification_failed(exc) from None
+    except ssl.SSLError as exc:
+        raise ConnectFailed(f"TLS handshake with the service failed: {exc.reason or exc}") from None
     except (OSError, TimeoutError, InvalidHandshake, EOFError) as exc:
-        text = str(exc) or type(exc).__name__
+        text = _clean(str(exc), secrets) or type(exc).__name__
         raise ConnectFailed(f"cannot reach the tunnel service: {text}") from None
 
 
@@ -117,23 +222,27 @@ async def open_link(options: LinkOptions) -> tuple[ClientConnection, int]:
     """Connect and upgrade; returns the connection and the negotiated protocol version.
 
     Raises:
-        HandshakeRefused: a 4xx answer (do not retry).
+        HandshakeRefused: a 4xx answer other than 429, or a redirect (do not retry).
         ConnectFailed: anything else (retry).
+        ConfigError: the ``-c`` CA cannot be loaded.
     """
     headers = {"access-token": options.access_token}
     if options.client_token:
         headers["client-token"] = options.client_token
     secure = options.url.startswith("wss://")
-    with map_exceptions():
-        ws = await connect(
+    secrets = tuple(value for value in (options.access_token, options.client_token) if value)
+    if secure and options.tls is None:
+        options = prepare(options)
+    with map_exceptions(secrets):
+        ws = await _Connect(
             options.url,
             additional_headers=headers,
             subprotocols=[Subprotocol(s) for s in SUBPROTOCOLS],
-            ssl=ssl_context(options.ca_path, options.verify_host) if secure else None,
+            ssl=options.tls if secure else None,
             open_timeout=options.open_timeout,
             ping_interval=options.ping_interval,
             # The service may not answer pings while the peer is away: a missing pong alone is
-            # no reason to drop the tunnel (PROTOCOL.md "Keepalive").
+            # no reason to drop the tunnel (proxy/protocol/PROTOCOL.md, section 'Keepalive').
             ping_timeout=None,
             close_timeout=5,
             max_size=MAX_WS_MESSAGE,

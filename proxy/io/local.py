@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+import struct
 from collections.abc import Callable
 from typing import Protocol as TypingProtocol
 from typing import cast
@@ -18,6 +19,9 @@ from typing import cast
 from proxy.config import Endpoint
 from proxy.protocol.actions import ConnectionRef
 from proxy.protocol.session import DataFramer
+
+#: SO_LINGER on, 0 seconds: close() resets the connection.
+_LINGER_RESET = struct.pack("ii", 1, 0)
 
 
 class Owner(TypingProtocol):
@@ -34,7 +38,7 @@ class LocalConnection(asyncio.Protocol):
     """One local connection carried by the tunnel."""
 
     def __init__(
-        self, owner: Owner, service_id: str, ref: ConnectionRef | None, *, high_water: int
+        self, owner: Owner, service_id: str | None, ref: ConnectionRef | None, *, high_water: int
     ) -> None:
         self.owner = owner
         self.service_id = service_id
@@ -147,6 +151,20 @@ class LocalConnection(asyncio.Protocol):
         if self.transport is not None:
             self.transport.abort()
 
+    def reset(self) -> None:
+        """Close now with a TCP reset (RST), dropping what is queued.
+
+        For a connection cut short (the tunnel is lost): its client sees an error, not a clean
+        end of stream it could take for the end of a complete transfer. A Unix socket has no
+        reset: its peer sees the end of the stream.
+        """
+        if self.transport is not None:
+            sock = self.transport.get_extra_info("socket")
+            if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+                with contextlib.suppress(OSError):
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+        self.abort()
+
     def _finish(self) -> None:
         if not self.closed:
             self.closed = True
@@ -159,21 +177,31 @@ async def connect_local(
     endpoint: Endpoint,
     *,
     happy_eyeballs_delay: float,
+    bind_address: str | None = None,
 ) -> None:
     """Connect a destination endpoint (TCP with Happy Eyeballs, or a Unix socket).
 
-    Callers bound the time with ``asyncio.timeout``.
+    ``bind_address`` (``-b``) is the local address TCP connections come from; only the
+    endpoint's addresses of its family are tried. Callers bound the time with
+    ``asyncio.timeout``.
 
     Raises:
-        OSError: the endpoint could not be reached.
+        OSError: the endpoint could not be reached (or not from ``bind_address``).
     """
     loop = asyncio.get_running_loop()
     if endpoint.path is not None:
         await loop.create_unix_connection(factory, endpoint.path)
         return
     host, port = endpoint.host or "localhost", endpoint.port or 0
+    local_addr = None if bind_address is None else (bind_address, 0)
     if isinstance(loop, asyncio.BaseEventLoop):
         # asyncio's own loop races the addresses (Happy Eyeballs, RFC 8305).
-        await loop.create_connection(factory, host, port, happy_eyeballs_delay=happy_eyeballs_delay)
+        await loop.create_connection(
+            factory,
+            host,
+            port,
+            happy_eyeballs_delay=happy_eyeballs_delay,
+            local_addr=local_addr,
+        )
     else:  # uvloop has no Happy Eyeballs: it tries the addresses in turn.
-        await loop.create_connection(factory, host, port)
+        await loop.create_connection(factory, host, port, local_addr=local_addr)

@@ -56,7 +56,8 @@ class FairScheduler:
     """Round-robin over connections with something to send; control frames go first.
 
     Args:
-        encode: frames a payload for a connection (``TunnelSession.encode_data``).
+        encode: frames a payload for a connection, as pieces to join, or None if the tunnel
+            dropped it (the tunnel uses the connection's ``DataFramer.pieces``).
         high_water: queued bytes per connection at which its reading pauses.
         low_water: queued bytes under which a paused connection resumes.
         batch: frames are joined into one WebSocket message while it stays under this many

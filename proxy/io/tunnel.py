@@ -4,16 +4,22 @@ One :class:`Tunnel` owns the WebSocket to the service (reconnecting with backoff
 connections, and in source mode the listeners. It follows the sans-IO adapter order: feed the
 session, queue what it wants sent, then carry out its actions without awaiting in between.
 
-Data path: one local read becomes one DATA frame (at most 63 KiB) queued in the connection's
-FIFO of the :class:`~proxy.io.scheduler.FairScheduler`; one received DATA frame becomes one
-write to the local transport. Backpressure: a connection's reading pauses while its FIFO is
-full; reading from the WebSocket pauses while a local peer has too much unread.
+Data path: what a local read returns is queued raw in the connection's FIFO of the
+:class:`~proxy.io.scheduler.FairScheduler`, which cuts it into DATA frames (at most 63 KiB, at
+the link's pace) only when it sends them; one received DATA frame becomes one write to the local
+transport. Backpressure: a connection's reading pauses while its FIFO is full; reading from the
+WebSocket pauses while a local peer has too much unread.
+
+Which local endpoint or listener each service ID gets is decided by the pure rules of
+:mod:`proxy.mapping`; this module carries the plan out.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import socket
 import uuid
 
 from websockets.asyncio.client import ClientConnection
@@ -21,10 +27,19 @@ from websockets.exceptions import ConnectionClosed
 
 from proxy.config import Endpoint, Mode, ProxySettings
 from proxy.errors import ConfigError, TransportError
-from proxy.io.link import LinkOptions, open_link
+from proxy.io.link import LinkOptions, close_cause, open_link, prepare
 from proxy.io.local import LocalConnection, connect_local
 from proxy.io.scheduler import FairScheduler
 from proxy.logs import TRACE
+from proxy.mapping import (
+    MAX_SERVICES,
+    Binding,
+    Plan,
+    destination_endpoint,
+    names,
+    plan_destination,
+    plan_source,
+)
 from proxy.protocol.actions import (
     CloseLocal,
     ConnectionRef,
@@ -52,6 +67,22 @@ class _Exit(Exception):
         self.code = code
 
 
+def _reason(exc: OSError) -> str:
+    """The OS's reason alone (asyncio's bind errors repeat the address in their text)."""
+    if isinstance(exc, socket.gaierror) or not exc.errno:
+        return exc.strerror or str(exc)
+    return os.strerror(exc.errno)
+
+
+class _Listener:
+    """A source's listening socket and the service its connections go to (None: none yet)."""
+
+    def __init__(self, server: asyncio.Server, where: str) -> None:
+        self.server = server
+        self.where = where
+        self.service_id: str | None = None
+
+
 class Tunnel:
     """A running proxy: one tunnel, either role."""
 
@@ -62,11 +93,15 @@ class Tunnel:
         self.session = TunnelSession(role, version=settings.peer_version)
         self.scheduler = FairScheduler(self._encode, max_quantum=self.tuning.read_chunk)
         self.conns: dict[ConnectionRef, LocalConnection] = {}
-        self.listeners: dict[str, asyncio.Server] = {}
+        #: Source: the listeners of the configured mappings (by mapping ID, bound before the
+        #: first connect) and those on free ports for unmapped services (by service ID).
+        self.mapped_listeners: dict[str, _Listener] = {}
+        self.free_listeners: dict[str, _Listener] = {}
         self.ws: ClientConnection | None = None
         self._congested: list[LocalConnection] = []
         self._tasks: set[asyncio.Task[None]] = set()
-        self._announced: tuple[str, ...] | None = None
+        #: What to serve on this WebSocket (None until the tunnel announced its services).
+        self._plan: Plan | None = None
         self._listeners_wanted = False
         # Without a client token an access token is single-use and a reconnect is refused; a
         # token made up here keeps reconnects working for this process's lifetime.
@@ -86,6 +121,9 @@ class Tunnel:
     async def run(self) -> int:
         """Run until the tunnel is closed or cannot go on; returns the exit code."""
         try:
+            if self.session.role is Role.SOURCE:
+                # A local mistake must not spend the (maybe single-use) access token.
+                await self._bind_mapped()
             return await self._run()
         except _Exit as exc:
             return exc.code
@@ -96,7 +134,17 @@ class Tunnel:
             await self._shutdown()
 
     async def _run(self) -> int:
+        """Connect, serve, and reconnect after a delay from one backoff for every failure.
+
+        A failed handshake and a connection the service drops alike wait the next delay of the
+        backoff, which starts over only once a connection stayed up ``reconnect_reset_after``
+        seconds: a service that accepts and drops every connection at once sees a few
+        reconnects, not a storm. Such a short-lived connection counts as a failed attempt.
+        """
         t = self.tuning
+        self.link = prepare(self.link)  # the TLS context, once; a ConfigError ends the run
+        clock = asyncio.get_running_loop().time
+        secrets = (self.link.access_token, self.link.client_token or "")
         delays = backoff(t.reconnect_base, t.reconnect_max)
         failures = 0
         while True:
@@ -114,8 +162,7 @@ class Tunnel:
                 log.warning("%s; retrying in %.1f s", exc, delay)
                 await asyncio.sleep(delay)
                 continue
-            failures = 0
-            delays = backoff(t.reconnect_base, t.reconnect_max)
+            connected = clock()
             try:
                 closed = await self._serve(ws, version)
             finally:
@@ -123,31 +170,60 @@ class Tunnel:
                 self._drop_session()
             if closed:
                 return EXIT_CLOSED
-            log.warning("lost the connection to the tunnel service; reconnecting")
+            lasted = clock() - connected
+            if lasted >= t.reconnect_reset_after:
+                failures = 0
+                delays = backoff(t.reconnect_base, t.reconnect_max)
+            else:
+                failures += 1
+                if 0 <= t.reconnect_attempts < failures:
+                    log.error(
+                        "the tunnel service dropped the connection %.1f s after accepting it%s; "
+                        "giving up after %d attempts",
+                        lasted,
+                        close_cause(ws, secrets),
+                        failures,
+                    )
+                    return EXIT_NETWORK
+            delay = next(delays)
+            log.warning(
+                "lost the connection to the tunnel service after %.1f s%s; reconnecting in %.1f s",
+                lasted,
+                close_cause(ws, secrets),
+                delay,
+            )
+            await asyncio.sleep(delay)
 
     async def _shutdown(self) -> None:
         for task in list(self._tasks):
             task.cancel()
-        for server in self.listeners.values():
-            server.close()
+        listeners = [*self.mapped_listeners.values(), *self.free_listeners.values()]
+        for listener in listeners:
+            listener.server.close()
         for conn in list(self.conns.values()):
-            conn.abort()
+            conn.reset()
         self.conns.clear()
         if self.ws is not None:
             await self.ws.close()
-        for server in self.listeners.values():
-            await server.wait_closed()
-        self.listeners.clear()
+        for listener in listeners:
+            await listener.server.wait_closed()
+        self.mapped_listeners.clear()
+        self.free_listeners.clear()
 
     def _drop_session(self) -> None:
-        """The WebSocket is gone: every stream is invalid, queued frames are stale."""
+        """The WebSocket is gone: every stream is invalid, queued frames are stale.
+
+        The local connections are reset (RST), not closed: what was in flight is lost, and a
+        client must not take the cut for the clean end of a complete transfer.
+        """
         self.session.reset()
         self._carry_out()
         self.scheduler.clear()
         for conn in list(self.conns.values()):
-            conn.abort()
+            conn.reset()
         self.conns.clear()
         self._congested.clear()
+        self._plan = None
 
     # ------------------------------------------------------------------ one WebSocket
 
@@ -159,7 +235,8 @@ class Tunnel:
         if version == 1:
             # A 1.0 service announces no service IDs: use the configured mapping as is.
             self._on_services(None)
-            await self._ensure_listeners()
+            if self._listeners_wanted:  # a source; a destination has nothing to listen on
+                await self._ensure_listeners()
         writer = asyncio.create_task(self._writer(ws), name="proxy.ws_writer")
         try:
             return await self._reader(ws)
@@ -237,12 +314,16 @@ class Tunnel:
                         conn.write(data)
                         if not conn.writable:
                             self._congested.append(conn)
-                case CloseLocal(conn=ref):
+                case CloseLocal(conn=ref, reset=reset):
                     conn = self.conns.pop(ref, None)
                     if conn is not None:
-                        log.debug("connection %s closed by the peer", ref)
                         self.scheduler.discard(conn)
-                        conn.close()
+                        if reset:  # the session ended: data in flight is lost
+                            log.debug("connection %s reset: the tunnel session ended", ref)
+                            conn.reset()
+                        else:  # the peer's end closed (we cannot tell a clean close apart)
+                            log.debug("connection %s closed by the peer", ref)
+                            conn.close()
                 case OpenLocal(conn=ref):
                     self._open_local(ref)
                 case ServiceIdsReceived(service_ids=ids):
@@ -256,90 +337,95 @@ class Tunnel:
 
     def _on_services(self, ids: tuple[str, ...] | None) -> None:
         if ids is not None:
-            log.info("the tunnel carries services: %s", ", ".join(ids) or "(none)")
-        self._announced = ids
-        if self.session.role is Role.DESTINATION:
-            self._check_destination_mappings(ids)
+            log.info("the tunnel carries services: %s", names(ids) or "(none)")
+        mappings = self.settings.mappings
+        if self.session.role is Role.SOURCE:
+            plan = plan_source(mappings, ids)
         else:
-            self._listeners_wanted = True
-
-    def _named(self) -> dict[str, Endpoint]:
-        return {m.service_id: m.endpoint for m in self.settings.mappings}
-
-    def _check_destination_mappings(self, ids: tuple[str, ...] | None) -> None:
-        mapped = self._named()
-        if ids is None:
-            return
-        if "" in mapped:
-            if len(ids) > 1:
-                self._fail_config(
-                    f"-d: an unnamed mapping needs a tunnel with one service; this one has "
-                    f"{', '.join(ids)}: name them, e.g. -d {ids[0]}=PORT"
-                )
-            return
-        missing = [s for s in ids if s not in mapped]
-        if missing:
-            self._fail_config(
-                f"no destination mapping for service {', '.join(missing)} announced by the "
-                f"tunnel: add -d {missing[0]}=PORT or a line '{missing[0]} = PORT' to the "
-                f"config directory"
+            plan = plan_destination(mappings, ids)
+        if plan.error is not None:
+            self._fail_config(plan.error)
+        for unused in plan.unused:
+            log.warning("mapping for %s is not used: the tunnel has no such service", unused)
+        if plan.ignored:
+            log.warning(
+                "the tunnel announced more services than the %d a tunnel can have: "
+                "%d of them ignored",
+                MAX_SERVICES,
+                plan.ignored,
             )
-        for extra in sorted(set(mapped) - set(ids)):
-            log.warning("mapping for %s is not used: the tunnel has no such service", extra)
-
-    def _endpoint_for(self, service_id: str) -> Endpoint | None:
-        mapped = self._named()
-        if service_id in mapped:
-            return mapped[service_id]
-        if len(mapped) == 1 and ("" in mapped or not service_id):
-            return next(iter(mapped.values()))
-        return None
+        self._plan = plan
+        if self.session.role is Role.SOURCE:
+            self._listeners_wanted = True
 
     def _fail_config(self, text: str) -> None:
         log.error("%s", text)
         raise _Exit(EXIT_CONFIG)
 
-    async def _ensure_listeners(self) -> None:
-        """Source: listen for every service of the tunnel (free ports where none is mapped)."""
-        self._listeners_wanted = False
-        ids = self._announced
-        mapped = self._named()
-        if ids is None:
-            wanted = {("" if self.session.version == 1 else sid): ep for sid, ep in mapped.items()}
-        elif "" in mapped:
-            if len(ids) != 1:
-                self._fail_config(
-                    f"-s: an unnamed mapping needs a tunnel with one service; this one has "
-                    f"{', '.join(ids)}: name them, e.g. -s {ids[0]}=PORT"
-                )
-            wanted = {ids[0]: mapped[""]}
-        else:
-            wanted = {sid: mapped.get(sid, Endpoint(host=None, port=0)) for sid in ids}
-        for service_id, endpoint in wanted.items():
-            if service_id not in self.listeners:
-                self.listeners[service_id] = await self._listen(service_id, endpoint)
+    async def _bind_mapped(self) -> None:
+        """Source: listen on every configured endpoint, before connecting to the service."""
+        for mapping in self.settings.mappings:
+            listener = await self._listen(
+                mapping.endpoint,
+                f"-s {mapping.service_id + '=' if mapping.service_id else ''}{mapping.endpoint}",
+            )
+            self.mapped_listeners[mapping.service_id] = listener
 
-    async def _listen(self, service_id: str, endpoint: Endpoint) -> asyncio.Server:
+    async def _ensure_listeners(self) -> None:
+        """Source: serve the planned services (listening on free ports where none is mapped)."""
+        self._listeners_wanted = False
+        plan = self._plan
+        if plan is None:  # the WebSocket was lost meanwhile
+            return
+        serving: set[int] = set()
+        for binding in plan.bindings:
+            listener = await self._listener_for(binding)
+            serving.add(id(listener))
+            if listener.service_id != binding.service_id:
+                listener.service_id = binding.service_id
+                log.info(
+                    "service %s: listening on %s", binding.service_id or "(unnamed)", listener.where
+                )
+        for listener in [*self.mapped_listeners.values(), *self.free_listeners.values()]:
+            if id(listener) not in serving:
+                listener.service_id = None
+
+    async def _listener_for(self, binding: Binding) -> _Listener:
+        if binding.mapping_id is not None:
+            return self.mapped_listeners[binding.mapping_id]
+        listener = self.free_listeners.get(binding.service_id)
+        if listener is None:
+            listener = await self._listen(
+                binding.endpoint, f"service {binding.service_id or '(unnamed)'}"
+            )
+            self.free_listeners[binding.service_id] = listener
+        return listener
+
+    async def _listen(self, endpoint: Endpoint, what: str) -> _Listener:
         loop = asyncio.get_running_loop()
+        holder: list[_Listener] = []
 
         def factory() -> LocalConnection:
+            service_id = holder[0].service_id if holder else None
             return LocalConnection(
                 self, service_id, None, high_water=self.tuning.local_write_buffer
             )
 
+        host = endpoint.host or self.settings.bind_address or "127.0.0.1"
+        wanted = endpoint.path or (f"[{host}]" if ":" in host else host) + f":{endpoint.port}"
         try:
             if endpoint.path is not None:
                 server = await loop.create_unix_server(factory, endpoint.path)
                 where = endpoint.path
             else:
-                host = endpoint.host or self.settings.bind_address or "127.0.0.1"
                 server = await loop.create_server(factory, host, endpoint.port or 0, backlog=1024)
                 port = server.sockets[0].getsockname()[1]
                 where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         except OSError as exc:
-            raise ConfigError(f"cannot listen for {service_id or 'the tunnel'}: {exc}") from None
-        log.info("service %s: listening on %s", service_id or "(unnamed)", where)
-        return server
+            raise ConfigError(f"{what}: cannot listen on {wanted}: {_reason(exc)}") from None
+        listener = _Listener(server, where)
+        holder.append(listener)
+        return listener
 
     # ------------------------------------------------------------------ local connections
 
@@ -347,15 +433,20 @@ class Tunnel:
         if conn.ref is not None:  # a destination connect completed
             log.debug("connection %s: connected to the local service", conn.ref)
             return
-        if self.ws is None or len(self.conns) >= self.tuning.max_connections:
-            log.warning(
-                "refusing a connection for %s: %s",
-                conn.service_id or "the tunnel",
-                "not connected to the tunnel service" if self.ws is None else "too many",
-            )
+        service_id = conn.service_id
+        if self.ws is None:
+            refused = "not connected to the tunnel service"
+        elif service_id is None:
+            refused = "the tunnel has not announced a service for this listener"
+        elif len(self.conns) >= self.tuning.max_connections:
+            refused = "too many"
+        else:
+            refused = None
+        if refused is not None or service_id is None:
+            log.warning("refusing a connection for %s: %s", service_id or "the tunnel", refused)
             conn.abort()
             return
-        ref = self.session.open_connection(conn.service_id)
+        ref = self.session.open_connection(service_id)
         conn.ref = ref
         conn.framer = self.session.framer(ref)
         self.conns[ref] = conn
@@ -381,7 +472,7 @@ class Tunnel:
                 self.scheduler.push_frame(conn, frame)
 
     def _open_local(self, ref: ConnectionRef) -> None:
-        endpoint = self._endpoint_for(ref.service_id)
+        endpoint = destination_endpoint(self.settings.mappings, self._plan, ref.service_id)
         if endpoint is None or len(self.conns) >= self.tuning.max_connections:
             log.warning(
                 "connection %s refused: %s",
@@ -403,13 +494,20 @@ class Tunnel:
         try:
             async with asyncio.timeout(t.connect_timeout):
                 await connect_local(
-                    lambda: conn, endpoint, happy_eyeballs_delay=t.happy_eyeballs_delay
+                    lambda: conn,
+                    endpoint,
+                    happy_eyeballs_delay=t.happy_eyeballs_delay,
+                    bind_address=self.settings.bind_address,
                 )
         except (OSError, TimeoutError) as exc:
             ref = conn.ref
             assert ref is not None
             log.warning(
-                "connection %s: cannot connect to %s: %s", ref, endpoint, str(exc) or "timed out"
+                "connection %s: cannot connect to %s%s: %s",
+                ref,
+                endpoint,
+                "" if self.settings.bind_address is None else f" from {self.settings.bind_address}",
+                str(exc) or "timed out",
             )
             conn.abort()
             if self.conns.get(ref) is conn:

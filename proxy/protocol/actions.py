@@ -52,9 +52,19 @@ class WriteLocal:
 
 @dataclass(frozen=True, slots=True)
 class CloseLocal:
-    """Close the local connection (after writing what is queued for it). The session forgot it."""
+    """Close the local connection. The session forgot it.
+
+    ``reset`` is False when the peer ended the connection (CONNECTION_RESET, STREAM_RESET): its
+    far end most likely closed normally, so close after writing what is queued (FIN). It is
+    True when the connection was cut: the whole session ended (SESSION_RESET, a broken frame
+    stream, :meth:`TunnelSession.reset` after losing the WebSocket) or a new stream replaced its
+    stream (a STREAM_START for the same service; on V1/V2 a source's next connection). Data in
+    flight is lost, so reset the local connection (RST) for its client to see an error rather
+    than a clean end it could take for the end of a complete transfer.
+    """
 
     conn: ConnectionRef
+    reset: bool = False
 
 
 Action = ServiceIdsReceived | OpenLocal | WriteLocal | CloseLocal

@@ -5,15 +5,16 @@ and what happened locally (``open_connection``, ``encode_data``, ``connection_cl
 ``reset``). Its outputs are frames to send (``data_to_send``), actions for the local side
 (``actions``) and the protocol errors the peer made (``errors``). Peer input never raises.
 
-Rules (PROTOCOL.md, and the reference's V1/V2/V3 protocol guides):
+Rules (proxy/protocol/PROTOCOL.md, section 'Rules'; the reference's V1/V2/V3 protocol guides):
 
 * each service has at most one active stream; the source opens it with STREAM_START and, on V3,
   adds connections with CONNECTION_START; a new STREAM_START for a service replaces its stream;
 * messages naming a stream that is not the service's active one are stale and ignored, as are
   resets and data for connections the session no longer knows;
-* a destination detects the peer's version from each STREAM_START: no service id is V1, no
-  connection id is V2, both is V3; it answers in kind (STREAM_RESET for V1/V2, CONNECTION_RESET
-  for V3 when a local connection ends);
+* a destination detects the peer's version from each STREAM_START: neither a service id nor
+  a connection id is V1, no connection id is V2, a connection id is V3 (with or without a
+  service id); it answers in kind (STREAM_RESET for V1/V2, CONNECTION_RESET for V3 when a local
+  connection ends), with the connection ids of a V3 stream;
 * a source speaks the version it was built with (``-y V1|V2``, default V3).
 """
 
@@ -202,7 +203,10 @@ class TunnelSession:
             self._error(f"STREAM_START with invalid stream id {m.stream_id} dropped")
             return
         service_id = m.service_id
-        version = 1 if not service_id else 2 if m.connection_id == 0 else 3
+        # No connection id: V2, or V1 without a service id either. A connection id without a
+        # service id is the reference's "V1 format" of an unnamed mapping on a tunnel without
+        # services: it numbers its connections and drops DATA that does not name them.
+        version = 3 if m.connection_id else 2 if service_id else 1
         cid = m.connection_id or 1
         if self.service_ids is not None and service_id and service_id not in self.service_ids:
             self._error(f"STREAM_START for unannounced service {service_id!r} refused")
@@ -210,7 +214,7 @@ class TunnelSession:
             return
         old = self._streams.pop(service_id, None)
         if old is not None:
-            self._close_stream(service_id, old)
+            self._close_stream(service_id, old, reset=True)
         self._streams[service_id] = _Stream(m.stream_id, version, {cid})
         self._actions.append(OpenLocal(ConnectionRef(service_id, m.stream_id, cid)))
 
@@ -271,17 +275,16 @@ class TunnelSession:
 
         Returns the new connection; the STREAM_START or CONNECTION_START for it is in
         :meth:`data_to_send`. On V1/V2 a service carries one connection: an older one is closed.
+        The unnamed service ``""`` (a tunnel announcing no service) is a V1 stream whatever the
+        version: a destination reads a STREAM_START without a service ID as V1.
         """
         if self.role is not Role.SOURCE:
             raise LocalProtocolError("only a source opens connections")
         if self.version == 1:
             service_id = ""
+        version = self.version if service_id else 1
         stream = self._streams.get(service_id)
-        if (
-            stream is not None
-            and self.version == 3
-            and stream.next_connection_id <= _MAX_CONNECTION_ID
-        ):
+        if stream is not None and version == 3 and stream.next_connection_id <= _MAX_CONNECTION_ID:
             cid = stream.next_connection_id
             stream.next_connection_id += 1
             stream.connections.add(cid)
@@ -289,11 +292,11 @@ class TunnelSession:
             return ConnectionRef(service_id, stream.stream_id, cid)
         if stream is not None:
             del self._streams[service_id]
-            self._close_stream(service_id, stream)
+            self._close_stream(service_id, stream, reset=True)
         stream_id = self._next_stream_id
         self._next_stream_id = stream_id + 1 if stream_id < _MAX_STREAM_ID else 1
-        self._streams[service_id] = _Stream(stream_id, self.version, {1})
-        self._send(_T.STREAM_START, service_id, stream_id, 1 if self.version == 3 else 0)
+        self._streams[service_id] = _Stream(stream_id, version, {1})
+        self._send(_T.STREAM_START, service_id, stream_id, 1 if version == 3 else 0)
         return ConnectionRef(service_id, stream_id, 1)
 
     def encode_data(self, conn: ConnectionRef, data: bytes) -> bytes | None:
@@ -350,14 +353,15 @@ class TunnelSession:
             return None
         return stream
 
-    def _close_stream(self, service_id: str, stream: _Stream) -> None:
+    def _close_stream(self, service_id: str, stream: _Stream, *, reset: bool = False) -> None:
         for cid in sorted(stream.connections):
-            self._actions.append(CloseLocal(ConnectionRef(service_id, stream.stream_id, cid)))
+            ref = ConnectionRef(service_id, stream.stream_id, cid)
+            self._actions.append(CloseLocal(ref, reset=reset))
 
     def _close_all(self) -> None:
         streams, self._streams = self._streams, {}
         for service_id, stream in streams.items():
-            self._close_stream(service_id, stream)
+            self._close_stream(service_id, stream, reset=True)
 
     def _send_reset(self, service_id: str, stream_id: int, cid: int, version: int) -> None:
         if version == 3:

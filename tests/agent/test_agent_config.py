@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -18,7 +23,7 @@ from agent.config import (
     ConfigError,
     load,
 )
-from bench.pki import PKI
+from testbed.pki import PKI
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -218,14 +223,154 @@ def test_cli_loads_the_tls_files_at_start(
     # Placeholder PEM files: readable, but no certificate.
     assert cli.main(["--config", str(device.ini), "--check"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith(f"iotunnel-agent: error: cert, key: cannot use {device.cert} with")
-    assert err.count("\n") == 1
+    assert err == f"iotunnel-agent: error: cert: {device.cert}: no PEM certificate in it\n"
     good = ["--cert", str(pki.client.cert), "--key", str(pki.client.key)]
     assert cli.main(["--config", str(device.ini), *good, "--root-ca", str(pki.client.key)]) == 2
-    assert capsys.readouterr().err.startswith("iotunnel-agent: error: root_ca: cannot use")
+    assert capsys.readouterr().err.startswith("iotunnel-agent: error: root_ca: ")
     assert (
         cli.main(["--config", str(device.ini), *good, "--root-ca", str(pki.ca.cert), "--check"])
         == 0
     )
     out = capsys.readouterr().out
     assert out.startswith("iotunnel-agent: configuration OK: thing-1 at broker.example.net:8883")
+
+
+# ------------------------------------------------------------------- TLS files (issue 11 #6)
+
+
+def good_argv(device: DeviceFiles, pki: PKI) -> list[str]:
+    return [
+        "--config", str(device.ini), "--check",
+        "--cert", str(pki.client.cert), "--key", str(pki.client.key),
+        "--root-ca", str(pki.ca.cert),
+        "--tunnel-endpoint", "wss://127.0.0.1:4443", "--tunnel-ca", str(pki.ca.cert),
+    ]  # fmt: skip
+
+
+def check_error(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
+    assert cli.main(argv) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.count("\n") == 1
+    assert "Traceback" not in captured.err
+    return captured.err.removeprefix("iotunnel-agent: error: ").rstrip("\n")
+
+
+@pytest.mark.parametrize("name", ["root_ca", "tunnel_ca", "cert"])
+def test_check_parses_each_certificate_file(
+    name: str, device: DeviceFiles, pki: PKI, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = good_argv(device, pki)
+    assert cli.main(argv) == 0
+    capsys.readouterr()
+    for content in ("-----BEGIN PLACEHOLDER-----\n", "", pki.client.key.read_text()):
+        device.ca.write_text(content)
+        message = check_error([*argv, "--" + name.replace("_", "-"), str(device.ca)], capsys)
+        assert message == f"{name}: {device.ca}: no PEM certificate in it"
+
+
+def key_lines(path: Path) -> list[str]:
+    return [line for line in path.read_text().splitlines() if "-----" not in line]
+
+
+def test_check_parses_the_key_and_matches_it_with_the_certificate(
+    device: DeviceFiles, pki: PKI, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from cryptography.hazmat.primitives import serialization
+
+    argv = good_argv(device, pki)
+    device.key.write_text("-----BEGIN PLACEHOLDER-----\n")
+    message = check_error([*argv, "--key", str(device.key)], capsys)
+    assert message == f"key: {device.key}: no PEM private key in it"
+
+    device.key.write_text("-----BEGIN PRIVATE KEY-----\nbm90IGEga2V5\n-----END PRIVATE KEY-----\n")
+    message = check_error([*argv, "--key", str(device.key)], capsys)
+    assert message == f"key: {device.key}: not a usable PEM private key"
+
+    other = pki.issue_client("someone-else")
+    message = check_error([*argv, "--key", str(other.key)], capsys)
+    assert message == f"cert, key: {pki.client.cert} is not the certificate of {other.key}"
+    for line in key_lines(other.key) + key_lines(pki.client.key):
+        assert line not in message
+
+    key = serialization.load_pem_private_key(pki.client.key.read_bytes(), None)
+    encrypted = tmp_path / "encrypted.key"
+    encrypted.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.BestAvailableEncryption(b"a passphrase"),
+        )
+    )
+    message = check_error([*argv, "--key", str(encrypted)], capsys)
+    assert (
+        message == f"key: {encrypted}: encrypted with a passphrase, which the agent cannot ask for"
+    )
+
+
+def test_check_reports_unreadable_tls_files_as_another_user_would_see_them(pki: PKI) -> None:
+    """Run as ``nobody`` (root reads any file): a mode-000 CA file and CA directory, exit 2."""
+    as_nobody: list[str] = []
+    if os.geteuid() == 0:
+        if shutil.which("setpriv") is None:
+            pytest.skip("running as root without setpriv (util-linux) to drop privileges")
+        as_nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--"]
+    top = Path(tempfile.mkdtemp(prefix="iotunnel-agent-tls-"))
+    locked_file, locked_dir = top / "locked.pem", top / "locked.d"
+    try:
+        top.chmod(0o755)
+        files = {}
+        for name, source in (
+            ("cert", pki.client.cert),
+            ("key", pki.client.key),
+            ("ca", pki.ca.cert),
+        ):
+            files[name] = top / source.name
+            shutil.copyfile(source, files[name])
+            files[name].chmod(0o644)
+        mappings = top / "destination.d"
+        mappings.mkdir(mode=0o755)
+        (mappings / "SSHDestination.ini").write_text("SSH1 = 22\n")
+        (mappings / "SSHDestination.ini").chmod(0o644)
+        shutil.copyfile(pki.ca.cert, locked_file)
+        locked_file.chmod(0o000)
+        locked_dir.mkdir(mode=0o000)
+        base = [
+            *as_nobody, sys.executable, "-m", "agent", "--check",
+            "--endpoint", "127.0.0.1", "--client-id", "thing-1", "--mapping-dir", str(mappings),
+            "--cert", str(files["cert"]), "--key", str(files["key"]),
+            "--tunnel-endpoint", "wss://127.0.0.1:4443",
+        ]  # fmt: skip
+        env = {"PATH": os.environ.get("PATH", "")}  # no IOTUNNEL_*: flags only
+
+        def run(*extra: str) -> tuple[int, str]:
+            done = subprocess.run(
+                [*base, *extra], capture_output=True, text=True, cwd=ROOT, env=env, timeout=120
+            )
+            return done.returncode, done.stderr
+
+        assert run("--root-ca", str(files["ca"]), "--tunnel-ca", str(files["ca"]))[0] == 0
+        for name, flag, path in (
+            ("root_ca", "--root-ca", locked_dir),
+            ("tunnel_ca", "--tunnel-ca", locked_dir),
+            ("root_ca", "--root-ca", locked_file),
+            ("tunnel_ca", "--tunnel-ca", locked_file),
+        ):
+            code, err = run(flag, str(path))
+            assert code == 2, err
+            assert err.count("\n") == 1, err
+            # The settings loader names the flag (or file:line) as given; the TLS check, the key.
+            assert err.rstrip("\n").endswith(
+                (
+                    f"{name}: {path}: cannot read: Permission denied",
+                    f"{flag}: '{path}': cannot read: Permission denied",
+                )
+            ), err
+        files["key"].chmod(0o000)
+        code, err = run()
+        assert code == 2
+        assert err.rstrip("\n").endswith(f"--key: '{files['key']}': cannot read: Permission denied")
+    finally:
+        if locked_dir.exists():
+            locked_dir.chmod(0o755)
+        shutil.rmtree(top)

@@ -83,22 +83,37 @@ def test_a_duplicate_of_a_closed_tunnel_is_still_a_duplicate() -> None:
     assert without_logs(sup.notified(note())) == []
 
 
-def test_a_new_token_for_the_same_services_replaces_the_tunnel() -> None:
-    sup = make(max_tunnels=1)
-    old = started(sup, note("tok-1"))
+def test_a_new_token_for_the_same_services_is_another_tunnel() -> None:
+    # Issue 10 #3: two operators' tunnels to the same services; a notification carries no
+    # tunnel id, so "same services" is no evidence of a rotation. Nothing is stopped.
+    sup = make(max_tunnels=2)
+    first = started(sup, note("tok-1"))
     actions = sup.notified(note("tok-2", ("SSH1", "HTTP1")))
-    assert without_logs(actions)[0] == StopProxy(old.tag)
-    new = without_logs(actions)[1]
-    assert isinstance(new, StartProxy)
-    assert new.tag == "t2"
-    assert new.notification.token == Secret("tok-2")
-    assert new.client_token != old.client_token
-    assert sup.state("t1") is State.STOPPING
-    assert sup.active == 1
-    # The old proxy's exit after the stop is quiet and final.
-    assert logs(sup.child_exited("t1", 143, 1.0))[0].message == "proxy stopped (exit code 143)"
-    assert sup.state("t1") is None
-    assert sup.state("t2") is State.RUNNING
+    assert not any(isinstance(a, StopProxy) for a in actions)
+    [second] = without_logs(actions)
+    assert isinstance(second, StartProxy)
+    assert second.tag == "t2"
+    assert second.notification.token == Secret("tok-2")
+    assert second.client_token != first.client_token
+    assert logs(actions) == [
+        Log(logging.INFO, "new tunnel for SSH1, HTTP1 (region us-east-1)", "t2")
+    ]
+    assert (sup.state("t1"), sup.state("t2")) == (State.RUNNING, State.RUNNING)
+    assert sup.active == 2
+    # A rotation: the service closes the old token's connection, the old proxy exits 0.
+    closed = sup.child_exited("t1", 0, 30.0)
+    assert without_logs(closed) == []
+    assert "closed by the service" in logs(closed)[0].message
+    assert (sup.state("t1"), sup.state("t2")) == (None, State.RUNNING)
+
+
+def test_same_services_at_the_limit_are_refused_and_nothing_is_stopped() -> None:
+    sup = make(max_tunnels=1)
+    started(sup, note("a", ("HTTP1",)))
+    actions = sup.notified(note("b", ("HTTP1",)))
+    assert without_logs(actions) == []
+    assert "refused: 1 tunnels already run (max_tunnels = 1)" in logs(actions)[0].message
+    assert sup.state("t1") is State.RUNNING
 
 
 def test_other_services_make_another_tunnel_up_to_the_limit() -> None:
@@ -109,12 +124,6 @@ def test_other_services_make_another_tunnel_up_to_the_limit() -> None:
     assert without_logs(actions) == []
     assert "refused: 2 tunnels already run (max_tunnels = 2)" in logs(actions)[0].message
     assert logs(actions)[0].level == logging.WARNING
-
-
-def test_a_replacement_is_allowed_at_the_limit() -> None:
-    sup = make(max_tunnels=1)
-    started(sup, note("a", ("HTTP1",)))
-    assert isinstance(without_logs(sup.notified(note("b", ("HTTP1",))))[1], StartProxy)
 
 
 @pytest.mark.parametrize(
@@ -209,7 +218,8 @@ def test_duplicates_are_remembered_boundedly() -> None:
     for token in ("a", "b", "c"):
         started(sup, note(token, (token.upper(),)))
     # "a" was forgotten: it counts as new again.
-    assert isinstance(without_logs(sup.notified(note("a", ("A",))))[1], StartProxy)
+    [again] = without_logs(sup.notified(note("a", ("A",))))
+    assert isinstance(again, StartProxy)
 
 
 def test_describe_exit() -> None:

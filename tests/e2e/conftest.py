@@ -12,8 +12,8 @@ from typing import Any
 
 import pytest
 
-from bench.harness import Source, Stack, Tunnel
-from bench.pki import PKI
+from testbed.harness import Source, Stack, Tunnel
+from testbed.pki import PKI
 
 _HERE = str(Path(__file__).resolve().parent)
 
@@ -26,7 +26,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 @dataclass
 class TwoServices:
-    """The seed's walk-through: one tunnel, HTTP1 -> an HTTP server, SSH1 -> an echo server."""
+    """README.md's walk-through: one tunnel, HTTP1 -> an HTTP server, SSH1 -> an echo server."""
 
     tunnel: Tunnel
     service_port: int

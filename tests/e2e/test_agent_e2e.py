@@ -25,11 +25,11 @@ from pathlib import Path
 
 import pytest
 
-from bench.clients import echo_roundtrips, http_get
-from bench.harness import HarnessError, Proc, Stack, Tunnel, agent_ini
-from bench.mqtt import Publisher, mosquitto_binary
-from bench.pki import PKI, CertPair
-from bench.sshd import ssh_command, sshd_binary
+from testbed.clients import echo_roundtrips, http_get, recv_exactly
+from testbed.harness import HarnessError, Proc, Stack, Tunnel, agent_ini
+from testbed.mqtt import Publisher, mosquitto_binary
+from testbed.pki import PKI, CertPair
+from testbed.sshd import ssh_command, sshd_binary
 
 pytest.importorskip("awscrt", reason="the agent extra (awsiotsdk) is not installed")
 pytestmark = pytest.mark.skipif(
@@ -196,7 +196,7 @@ def aws_cli(api_port: int, ca: Path, *args: str) -> dict[str, object]:
 def test_open_tunnel_then_http_and_real_ssh_at_the_same_time(
     device: Device, stack: Stack, pki: PKI, www: Path
 ) -> None:
-    """The seed's walk-through, from ``aws iotsecuretunneling open-tunnel`` to ``ssh``."""
+    """README.md's walk-through, from ``aws iotsecuretunneling open-tunnel`` to ``ssh``."""
     if sshd_binary() is None:
         pytest.skip("sshd/ssh are not installed (openssh-server, openssh-client)")
     pytest.importorskip("awscli", reason="the AWS CLI (test extra) is not installed")
@@ -295,6 +295,37 @@ def test_bad_notifications_are_rejected_and_duplicates_dropped(
     assert agent.popen.poll() is None
 
 
+def test_nested_json_is_rejected_and_the_running_tunnel_keeps_carrying_data(
+    device: Device, stack: Stack, pki: PKI
+) -> None:
+    """Issue 11 #1: 2 KB of brackets raised RecursionError, the agent exited 1 and its proxies
+    died. Now: one rejection line; the agent, its proxy and an open connection go on."""
+    tunnel = Tunnel("nested", ("SSH1",))
+    _, service_port = stack.service([tunnel], cert=pki.server.cert, key=pki.server.key)
+    _, echo_port = stack.echo_server()
+    configure(device, service_port, {"SSH1": echo_port})
+    agent = device.start_agent()
+    device.notify(tunnel.destination_token, ("SSH1",))
+    [(tag, pid)] = device.wait_started(1)
+    agent.wait_for(rf"\[{tag}\] proxy.link: connected to the tunnel service")
+    source = stack.source(tunnel.source_token, service_port, "SSH1=0", ["SSH1"], ca=pki.ca.cert)
+
+    with socket.create_connection(("127.0.0.1", source.ports["SSH1"]), timeout=30) as session:
+        session.sendall(b"before\n")
+        assert recv_exactly(session, 7) == b"before\n"
+        device.publish(b"[" * 1000 + b"]" * 1000)
+        agent.wait_for(r"<4>notification rejected: malformed JSON: nested more than \d+ levels")
+        device.publish(b'{"clientAccessToken": ' * 300 + b"1" + b"}" * 300)
+        agent.wait_for(r"(?s)(?:notification rejected: malformed JSON: nested.*){2}")
+        session.sendall(b"after\n")
+        assert recv_exactly(session, 6) == b"after\n"
+    assert agent.popen.poll() is None
+    assert Path(f"/proc/{pid}").exists()
+    assert "Traceback" not in device.log
+    assert "RecursionError" not in device.log
+    assert echo_roundtrips(source.ports["SSH1"], 3) == 3
+
+
 # --------------------------------------------------------------------------- faults
 
 
@@ -343,24 +374,141 @@ def test_a_killed_proxy_is_restarted_and_the_tunnel_works_again(
     assert http_until_ok(source.ports["HTTP1"], "/index.html")[0] == 200
 
 
-def test_a_new_token_for_the_same_services_replaces_the_proxy(
+def open_tunnel(api_port: int, pki: PKI, services: str) -> dict[str, object]:
+    """OpenTunnel through the management API, notified to the device's thing."""
+    return aws_cli(
+        api_port,
+        pki.ca.cert,
+        "open-tunnel",
+        "--destination-config",
+        f"thingName={THING},services={services}",
+    )
+
+
+def test_two_tunnels_to_the_same_services_carry_traffic_at_the_same_time(
+    device: Device, stack: Stack, pki: PKI, www: Path
+) -> None:
+    """Issue 10 #3: two operators, two tunnels, the same services; neither stops the other."""
+    pytest.importorskip("awscli", reason="the AWS CLI (test extra) is not installed")
+    _, service_port, api_port = stack.control_plane(
+        pki, device.broker_port, pki.issue_client("iotunnel-service")
+    )
+    _, http_port = stack.http_server(www)
+    _, echo_port = stack.echo_server()
+    configure(device, service_port, {"HTTP1": http_port, "SSH1": echo_port})
+    agent = device.start_agent()
+
+    first = open_tunnel(api_port, pki, "HTTP1,SSH1")
+    [(first_tag, first_pid)] = device.wait_started(1)
+    agent.wait_for(rf"\[{first_tag}\] proxy.link: connected to the tunnel service")
+    sources = [
+        stack.source(
+            str(first["sourceAccessToken"]),
+            service_port,
+            "HTTP1=0,SSH1=0",
+            ["HTTP1", "SSH1"],
+            ca=pki.ca.cert,
+            name="source-1",
+        )
+    ]
+    # The first operator's session is open while the second tunnel is opened.
+    sessions = [socket.create_connection(("127.0.0.1", sources[0].ports["SSH1"]), timeout=30)]
+    try:
+        sessions[0].sendall(b"first, before\n")
+        assert recv_exactly(sessions[0], 14) == b"first, before\n"
+
+        second = open_tunnel(api_port, pki, "HTTP1,SSH1")
+        [_, (second_tag, second_pid)] = device.wait_started(2)
+        agent.wait_for(rf"\[{second_tag}\] proxy.link: connected to the tunnel service")
+        sources.append(
+            stack.source(
+                str(second["sourceAccessToken"]),
+                service_port,
+                "HTTP1=0,SSH1=0",
+                ["HTTP1", "SSH1"],
+                ca=pki.ca.cert,
+                name="source-2",
+            )
+        )
+        sessions.append(socket.create_connection(("127.0.0.1", sources[1].ports["SSH1"]), 30))
+
+        # Both sessions at once, interleaved, while both tunnels also serve HTTP.
+        index = (www / "index.html").read_bytes()
+        for turn in range(5):
+            lines = [f"tunnel {n} turn {turn}\n".encode() for n in range(2)]
+            for session, line in zip(sessions, lines, strict=True):
+                session.sendall(line)
+            for session, line in zip(sessions, lines, strict=True):
+                assert recv_exactly(session, len(line)) == line
+            for source in sources:
+                assert http_get(source.ports["HTTP1"], "/index.html") == (200, index)
+        sessions[0].sendall(b"first, after\n")
+        assert recv_exactly(sessions[0], 13) == b"first, after\n"
+    finally:
+        for session in sessions:
+            session.close()
+
+    # Each proxy has its own tunnel's token; neither was stopped.
+    assert child_environ(first_pid)["AWSIOT_TUNNEL_ACCESS_TOKEN"] == first["destinationAccessToken"]
+    assert (
+        child_environ(second_pid)["AWSIOT_TUNNEL_ACCESS_TOKEN"] == second["destinationAccessToken"]
+    )
+    assert "replaced" not in device.log
+    assert "proxy stopped" not in device.log
+    assert "closed by the service" not in device.log
+    assert Path(f"/proc/{first_pid}").exists()
+    assert agent.popen.poll() is None
+
+
+def test_a_rotated_destination_token_ends_the_old_proxy_and_starts_the_new_one(
     device: Device, stack: Stack, pki: PKI
 ) -> None:
-    first, second = Tunnel("old", ("SSH1",)), Tunnel("new", ("SSH1",))
-    _, service_port = stack.service([first, second], cert=pki.server.cert, key=pki.server.key)
+    """RotateTunnelAccessToken DESTINATION: the service closes the old token's connection
+    (1000), the old proxy exits 0, the new token's notification starts the one proxy left."""
+    pytest.importorskip("awscli", reason="the AWS CLI (test extra) is not installed")
+    _, service_port, api_port = stack.control_plane(
+        pki, device.broker_port, pki.issue_client("iotunnel-service")
+    )
     _, echo_port = stack.echo_server()
     configure(device, service_port, {"SSH1": echo_port})
     agent = device.start_agent()
 
-    device.notify(first.destination_token, ("SSH1",))
-    [(old_tag, _)] = device.wait_started(1)
-    device.notify(second.destination_token, ("SSH1",))
-    [_, (new_tag, _)] = device.wait_started(2)
-    agent.wait_for(rf"\[{old_tag}\] proxy stopped")
-    assert f"[{old_tag}] replaced by a new token for the same services" in device.log
+    opened = open_tunnel(api_port, pki, "SSH1")
+    [(old_tag, old_pid)] = device.wait_started(1)
+    agent.wait_for(rf"\[{old_tag}\] proxy.link: connected to the tunnel service")
+    rotated = aws_cli(
+        api_port,
+        pki.ca.cert,
+        "rotate-tunnel-access-token",
+        "--tunnel-id",
+        str(opened["tunnelId"]),
+        "--client-mode",
+        "DESTINATION",
+        "--destination-config",
+        f"thingName={THING},services=SSH1",
+    )
+    agent.wait_for(
+        rf"<6>\[{old_tag}\] the tunnel was closed by the service \(proxy exit code 0\); "
+        "not restarting"
+    )
+    [_, (new_tag, new_pid)] = device.wait_started(2)
+    assert new_tag != old_tag
     agent.wait_for(rf"\[{new_tag}\] proxy.link: connected to the tunnel service")
-    source = stack.source(second.source_token, service_port, "SSH1=0", ["SSH1"], ca=pki.ca.cert)
+    assert child_environ(new_pid)["AWSIOT_TUNNEL_ACCESS_TOKEN"] == rotated["destinationAccessToken"]
+
+    # The source token was not rotated: the operator's source proxy reaches the new proxy.
+    source = stack.source(
+        str(opened["sourceAccessToken"]), service_port, "SSH1=0", ["SSH1"], ca=pki.ca.cert
+    )
     assert echo_roundtrips(source.ports["SSH1"], 3) == 3
+    # One proxy for the tunnel: the old one is gone, the new one runs, nothing else started.
+    assert len(device.started()) == 2
+    assert not Path(f"/proc/{old_pid}").exists()
+    assert Path(f"/proc/{new_pid}").exists()
+    assert f"[{new_tag}] proxy" in device.log
+    assert "proxy stopped" not in device.log
+    assert agent.popen.poll() is None
+    assert str(rotated["destinationAccessToken"]) not in device.log
 
 
 def test_sigterm_stops_every_child_and_exits_0(device: Device, stack: Stack, pki: PKI) -> None:

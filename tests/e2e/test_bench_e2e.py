@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 
 from bench import __main__ as bench
-from bench.pki import PKI
+from bench import soak
+from testbed.pki import PKI
 
 
 @pytest.mark.parametrize("proxy_cmd", [None, f"{shlex.quote(sys.executable)} -m proxy"])
@@ -69,3 +70,38 @@ def test_reference_flags_carry_the_token_on_the_command_line(tmp_path: Path) -> 
             ours.stack.close()
     finally:
         setup.stack.close()
+
+
+def test_soak_scenarios_run_small(tmp_path: Path) -> None:
+    """``python -m bench --soak`` at a tiny size: tunnels through the management API, each
+    closed with both proxies exiting cleanly, and connection waves through one tunnel."""
+    pki = PKI.create(tmp_path / "pki")
+    churn = soak.tunnel_churn(tmp_path / "tunnels", pki, 5, parallel=2, rest=0.0)
+    assert churn["failures"] == []
+    assert churn["proxies_exited_cleanly"] == churn["proxies"] == 10
+    assert churn["retained_closed_tunnels"] == 5
+    for key in ("service_before", "service_after_first_tunnel", "service_peak", "service_after"):
+        assert set(churn[key]) == {"rss_kib", "fds"}
+    assert churn["service_peak"]["fds"] >= churn["service_before"]["fds"]
+    peers = soak.peer_churn(tmp_path / "peers", pki, 6, every=3, rest=0.0)
+    assert [sample["tunnels"] for sample in peers["service_samples"]] == [3, 6]
+    setup = bench.start(tmp_path / "connections", pki, None, [])
+    try:
+        connections = soak.connection_churn(setup.procs(), setup.ssh1, 200, 50)
+    finally:
+        setup.stack.close()
+    assert (connections["count"], connections["wave"], connections["ok"]) == (200, 50, 200)
+    assert set(connections["after"]) == {"source", "destination", "service"}
+    results = {
+        "machine": "test",
+        "date": "today",
+        "tunnel_churn": churn,
+        "peer_churn": peers,
+        "connection_churn": connections,
+    }
+    text = soak.table(results)
+    assert "5 tunnels (2 at a time)" in text
+    assert "10/10 proxies exited cleanly" in text
+    assert "6 tunnels with in-process peers" in text
+    assert "200 connections in waves of 50: 200 echoed" in text
+    json.dumps(results)

@@ -17,37 +17,25 @@ from typing import Any
 
 import pytest
 
-from bench.awsapi import (
-    REGION,
-    TEST_KEY_ID,
-    TEST_SECRET,
-    ApiService,
+from service.notify import notify_topic
+from testbed.awsapi import (
     Subscriber,
     aws_env,
     aws_json,
+    boto3_client,
     start_api_service,
     write_credentials,
 )
-from bench.clients import echo_roundtrips, http_get
-from bench.harness import Stack, free_port
-from bench.mqtt import mosquitto_binary
-from bench.pki import PKI
-from service.notify import notify_topic
+from testbed.clients import echo_roundtrips, http_get
+from testbed.harness import Stack, free_port
+from testbed.mqtt import mosquitto_binary
+from testbed.pki import PKI
 
 pytestmark = pytest.mark.skipif(
     mosquitto_binary() is None, reason="mosquitto is not installed (Debian package 'mosquitto')"
 )
 
 EXIT_CLOSED, EXIT_REFUSED = 0, 3
-
-
-def boto3_client(service: ApiService, ca: Path) -> Any:
-    import boto3
-
-    session = boto3.session.Session(
-        aws_access_key_id=TEST_KEY_ID, aws_secret_access_key=TEST_SECRET, region_name=REGION
-    )
-    return session.client("iotsecuretunneling", endpoint_url=service.endpoint, verify=str(ca))
 
 
 def states(client: Any, tunnel_id: str) -> tuple[str, str, str]:

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from bench.clients import echo_roundtrips, echo_transfer, http_get, recv_exactly, wait_closed
-from bench.harness import Stack, Tunnel, free_port, peak_rss_kib
+from testbed.clients import echo_roundtrips, echo_transfer, http_get, recv_exactly, wait_closed
+from testbed.harness import Stack, Tunnel, free_port, peak_rss_kib
 
 MiB = 1 << 20
 
@@ -171,9 +171,44 @@ def test_refused_token_exits_3_with_one_line(stack: Stack, pki) -> None:
     wrong = "x" * 40
     proc = stack.start("destination", argv, env={"AWSIOT_TUNNEL_ACCESS_TOKEN": wrong})
     assert proc.wait(30) == 3
-    assert "refused the connection: HTTP 4" in proc.output()
+    assert "refused the connection: HTTP 403 (invalid access token): the access token is wrong" in (
+        proc.output()
+    )
+    assert "aws iotsecuretunneling rotate-tunnel-access-token" in proc.output()
     assert "Traceback" not in proc.output()
     assert wrong not in proc.output()
+
+
+@pytest.mark.parametrize("case", ["wrong-mode", "closed", "used"])
+def test_refusals_give_the_service_reason_and_what_to_do(
+    stack: Stack, pki, threaded_service_factory, case: str
+) -> None:
+    """The service says why in the response body; the proxy repeats it in one line, with a hint."""
+    tunnel = Tunnel(f"refusal-{case}", ("SSH1",))
+    service = threaded_service_factory([tunnel])
+    token = tunnel.source_token if case == "wrong-mode" else tunnel.destination_token
+    if case == "closed":
+        service.call(service.service.close_tunnel(tunnel.tunnel_id))
+    if case == "used":  # a first destination holds the token, bound to its own client token
+        stack.destination(tunnel.destination_token, service.port, "SSH1=22", ca=pki.ca.cert)
+    argv = stack.proxy_argv(
+        "dst", service.port, ca=pki.ca.cert, verbosity=4, args=["-d", "SSH1=22"]
+    )
+    proc = stack.start("refused", argv, env={"AWSIOT_TUNNEL_ACCESS_TOKEN": token})
+    assert proc.wait(30) == 3
+    output = proc.output()
+    assert "Traceback" not in output
+    assert token not in output
+    [line] = [line for line in output.splitlines() if " ERROR " in line]
+    expected = {
+        "wrong-mode": "HTTP 400 (access token is for source mode, not destination): the access "
+        "token is for the other end of the tunnel: use the other token",
+        "closed": "HTTP 410 (tunnel is closed): the tunnel is closed or has expired: open a new "
+        "tunnel",
+        "used": "HTTP 403 (client token does not match the one bound to this access token): the "
+        "access token is bound to another client token (another proxy uses it",
+    }[case]
+    assert expected in line
 
 
 def test_unreachable_service_gives_up_with_exit_4(stack: Stack, tmp_path: Path) -> None:

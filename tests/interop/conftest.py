@@ -51,12 +51,12 @@ from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
-from bench.clients import echo_roundtrips, http_get, recv_exactly
-from bench.harness import HarnessError, Proc, Stack, free_port
-from bench.pki import PKI, CertPair, self_signed
-from bench.sshd import SshSetup, ssh_command, sshd_binary
 from proxy.protocol.framing import encode
 from proxy.protocol.messages import Message, MessageType
+from testbed.clients import echo_roundtrips, http_get, recv_exactly
+from testbed.harness import HarnessError, Proc, Stack, free_port
+from testbed.pki import PKI, CertPair, self_signed
+from testbed.sshd import SshSetup, ssh_command, sshd_binary
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 #: Where a checkout finds the reference binary: ``shared/`` beside the repository.

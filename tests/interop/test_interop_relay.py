@@ -12,8 +12,8 @@ iotunnel as the destination, and iotunnel as the source with the reference as th
 - ``-b``: the source's listen address; in destination mode, the host of port-only mappings
   (what the reference does with it).
 
-Known failures, marked ``xfail(strict=True)`` until the fixes on other branches are merged:
-our ``-k`` still verifies the certificate chain; our destination ignores ``-b``.
+Known failure, marked ``xfail(strict=True)``: our destination does not take ``-b`` as the host
+of port-only mappings.
 """
 
 from __future__ import annotations
@@ -33,9 +33,9 @@ from conftest import (
     wait_listening,
 )
 
-from bench.clients import echo_roundtrips, http_get
-from bench.harness import Stack
-from bench.pki import PKI
+from testbed.clients import echo_roundtrips, http_get
+from testbed.harness import Stack
+from testbed.pki import PKI
 
 ALT = "127.0.0.2"  # another loopback address, for -b
 TLS_REFUSED_OURS = "TLS verification of the service failed"
@@ -110,7 +110,6 @@ def test_k_reference_source_with_a_self_signed_service(
     session(backends, ports["SSH1"])
 
 
-@pytest.mark.xfail(strict=True, reason="fixed by the -k change on branch wt-link")
 def test_k_our_destination_with_a_self_signed_service(
     stack: Stack, localproxy: LocalProxy, ca_dir, relay_factory, backends: Backends
 ) -> None:
@@ -251,9 +250,10 @@ def test_b_destination_connects_port_only_mappings_to_the_bind_address(
     not bind its outgoing sockets): backends that listen on that address alone are reached."""
     python = stack.python
     http = stack.start(
-        "http-alt", [python, "-m", "bench.servers", "http", "--host", ALT, "--directory", str(www)]
+        "http-alt",
+        [python, "-m", "testbed.servers", "http", "--host", ALT, "--directory", str(www)],
     )
-    echo = stack.start("echo-alt", [python, "-m", "bench.servers", "echo", "--host", ALT])
+    echo = stack.start("echo-alt", [python, "-m", "testbed.servers", "echo", "--host", ALT])
     http_port = int(http.wait_for(r"port (\d+)").group(1))
     echo_port = int(echo.wait_for(r"port (\d+)").group(1))
     mapping = f"HTTP1={http_port},SSH1={echo_port}"

@@ -23,9 +23,9 @@ from conftest import (
     start_peers,
 )
 
-from bench.harness import Stack, Tunnel, agent_ini
-from bench.mqtt import mosquitto_binary
-from bench.pki import PKI
+from testbed.harness import Stack, Tunnel, agent_ini
+from testbed.mqtt import mosquitto_binary
+from testbed.pki import PKI
 
 THING = "interop-thing"
 
@@ -62,7 +62,7 @@ def test_agent_destination_with_the_reference_source(
     pytest.importorskip("awscli", reason="the AWS CLI (test extra) is not installed")
     if mosquitto_binary() is None:
         pytest.skip("mosquitto is not installed (Debian package 'mosquitto')")
-    from bench.awsapi import aws_env, aws_json, start_api_service, write_credentials
+    from testbed.awsapi import aws_env, aws_json, start_api_service, write_credentials
 
     _, mqtt_port = stack.mosquitto(pki)
     credentials = write_credentials(tmp_path / "credentials")

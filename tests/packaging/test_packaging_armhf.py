@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 from deb_harness import BUILD, REPO, elf_machine, extract, field, project_version, run
 
-from bench.harness import Stack, agent_ini
-from bench.mqtt import mosquitto_binary
-from bench.pki import PKI
+from testbed.harness import Stack, agent_ini
+from testbed.mqtt import mosquitto_binary
+from testbed.pki import PKI
 
 ARMHF = REPO / "packaging" / "armhf.py"
 EM_ARM = 40

@@ -3,10 +3,12 @@ code's architecture, the maintainer scripts, and lintian."""
 
 from __future__ import annotations
 
+import importlib
 import re
 import shutil
 import subprocess
 import sys
+import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -35,6 +37,22 @@ def locked() -> dict[str, str]:
     """name -> version of packaging/requirements.lock."""
     text = LOCK.read_text()
     return dict(re.findall(r"(?m)^([A-Za-z0-9_.-]+)==(\S+)", text))
+
+
+def test_the_wheel_holds_the_three_parts_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``pip install .`` (and the .deb, built from the same wheel) gets proxy, service and agent:
+    testbed/, demo/, bench/ and tests/ are used from the checkout only."""
+    monkeypatch.syspath_prepend(str(REPO / "packaging"))
+    build_deb = importlib.import_module("build_deb")
+    wheel = build_deb.build_project_wheel(tmp_path, 315532800)
+    with zipfile.ZipFile(wheel) as archive:
+        names = archive.namelist()
+        [top_level] = [n for n in names if n.endswith(".dist-info/top_level.txt")]
+        assert archive.read(top_level).decode().split() == ["agent", "proxy", "service"]
+    packages = {name.split("/")[0] for name in names if not name.startswith("iotunnel-")}
+    assert packages == {"proxy", "service", "agent"}
 
 
 def test_the_lock_matches_pyproject() -> None:
@@ -89,7 +107,8 @@ def test_file_list(debs: dict[str, Path], arch: str) -> None:
     assert "usr/share/lintian/overrides/iotunnel" in entries
     paths = list(entries)
     assert not [p for p in paths if "__pycache__" in p or p.endswith(".pyc")]
-    assert not [p for p in paths if p.startswith((LIB + "bench/", LIB + "service/", LIB + "bin/"))]
+    not_on_devices = ("testbed/", "demo/", "bench/", "tests/", "service/", "bin/")
+    assert not [p for p in paths if p.startswith(tuple(LIB + d for d in not_on_devices))]
     for package in ("agent/", "proxy/", "proxy/protocol/_pb/", "awscrt/", "awsiot/", "websockets/"):
         assert LIB + package in entries
     for name, version in locked().items():

@@ -26,10 +26,10 @@ from deb_harness import (
     run,
 )
 
-from bench.clients import http_get
-from bench.harness import Stack, Tunnel, agent_ini
-from bench.mqtt import mosquitto_binary
-from bench.pki import PKI
+from testbed.clients import http_get
+from testbed.harness import Stack, Tunnel, agent_ini
+from testbed.mqtt import mosquitto_binary
+from testbed.pki import PKI
 
 THING = "mdwe-thing"
 
@@ -94,7 +94,7 @@ def test_installed_agent_runs_a_tunnel_in_the_units_sandbox(
     pytest.importorskip("awscrt", reason="the agent extra (awsiotsdk) is not installed")
     unit = installed / "lib/systemd/system/iotunnel-agent.service"
     sandbox_ready(unit)
-    from bench.mqtt import Publisher
+    from testbed.mqtt import Publisher
 
     www = tmp_path / "www"
     www.mkdir()

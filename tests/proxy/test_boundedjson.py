@@ -55,3 +55,11 @@ def test_any_input_parses_or_raises_jsoninputerror(data: str | bytes) -> None:
         return
     text = data.decode() if isinstance(data, bytes) else data
     assert json.dumps(value) == json.dumps(json.loads(text))  # NaN != NaN, so compare text
+
+
+def test_an_integer_over_pythons_digit_limit_is_a_json_input_error() -> None:
+    """``json.loads`` raises a plain ValueError (not a JSONDecodeError) for an integer of more
+    than ``sys.get_int_max_str_digits()`` digits; it must end in a JSONInputError too."""
+    for document in ("1" * 5000, '{"a": [' + "9" * 5000 + "]}"):
+        with pytest.raises(JSONInputError, match="not valid JSON: a number of more than"):
+            loads(document)

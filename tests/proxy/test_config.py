@@ -28,6 +28,7 @@ from proxy.config import (
     read_mapping_file,
 )
 from proxy.errors import ConfigError
+from testbed.pki import PKI
 
 REPO = Path(__file__).resolve().parents[2]
 TOKEN = "AQGAAXiNsecretTOKENvalue/with+base64=chars"
@@ -345,8 +346,8 @@ def test_minimal_destination(tmp_path: Path) -> None:
     )
 
 
-def test_long_flags(tmp_path: Path) -> None:
-    ca = write(tmp_path / "ca.pem", "x")
+def test_long_flags(tmp_path: Path, pki: PKI) -> None:
+    ca = write(tmp_path / "ca.pem", pki.ca.cert.read_text())
     settings = ok(
         [
             "--region=us-west-2",
@@ -437,7 +438,9 @@ def test_verbosity(tmp_path: Path, value: str, level: int) -> None:
 @pytest.mark.parametrize("value", ["256", "-1", "info", "", "4.5"])
 def test_bad_verbosity(tmp_path: Path, value: str) -> None:
     message = err(["-r", "us-east-1", "-d", "22", "-v", value], tmp_path)
-    assert message == f"-v: {value!r}: expected a level 0..6"
+    assert message == (
+        f"-v: {value!r}: expected a level 0..255 (0 off ... 4 info, 5 debug, 6 or more trace)"
+    )
 
 
 @pytest.mark.parametrize(("value", "version"), [("V1", 1), ("v2", 2), ("V3", 3)])
@@ -469,14 +472,38 @@ def test_bad_bind_address(tmp_path: Path, address: str) -> None:
     assert err(["-r", "us-east-1", "-s", "5555", "-b", address], tmp_path).startswith("-b: ")
 
 
-def test_capath_directory_and_missing(tmp_path: Path) -> None:
-    (tmp_path / "certs").mkdir()
+def test_capath_directory_and_missing(tmp_path: Path, pki: PKI) -> None:
+    write(tmp_path / "certs" / "ca.pem", pki.ca.cert.read_text())
     settings = ok(["-r", "us-east-1", "-d", "22", "-c", "certs"], tmp_path)
     assert settings.ca_path == str(tmp_path / "certs")
     absolute = ok(["-r", "us-east-1", "-d", "22", "-c", str(tmp_path / "certs")], tmp_path)
     assert absolute.ca_path == str(tmp_path / "certs")
     message = err(["-r", "us-east-1", "-d", "22", "-c", "nope"], tmp_path)
     assert message == "-c: 'nope': no such file or directory"
+
+
+@pytest.mark.parametrize(
+    ("files", "given", "problem"),
+    [
+        ({"ca.pem": "x"}, "ca.pem", "not a PEM CA certificate"),
+        ({"ca.pem": ""}, "ca.pem", "not a PEM CA certificate"),
+        ({"certs/README": "x"}, "certs", "no CA certificates in the directory (*.pem, *.crt or"),
+        ({"certs/a.pem": "x"}, "certs", "a.pem: not a PEM CA certificate"),
+    ],
+)
+def test_capath_that_cannot_be_loaded(
+    tmp_path: Path, files: dict[str, str], given: str, problem: str
+) -> None:
+    """Checked when the configuration is read, before anything connects (exit 2, not a retry)."""
+    for name, text in files.items():
+        write(tmp_path / name, text)
+    assert err(["-r", "us-east-1", "-d", "22", "-c", given], tmp_path).startswith(
+        f"-c: {given!r}: {problem}"
+    )
+    write(tmp_path / "proxy.conf", f"capath = {given}\n")
+    assert err(["-r", "us-east-1", "-d", "22", "--config", "proxy.conf"], tmp_path).startswith(
+        f"proxy.conf:1: capath: {given!r}: {problem}"
+    )
 
 
 def test_client_token_flag_and_errors(tmp_path: Path) -> None:
@@ -643,8 +670,8 @@ def test_environment_is_only_read_from_the_argument(
 # --------------------------------------------------------------------------- --config file
 
 
-def test_config_file(tmp_path: Path) -> None:
-    write(tmp_path / "certs" / "ca.pem", "x")
+def test_config_file(tmp_path: Path, pki: PKI) -> None:
+    write(tmp_path / "certs" / "ca.pem", pki.ca.cert.read_text())
     write(
         tmp_path / "proxy.conf",
         "# options, as the reference reads them\n"
@@ -700,7 +727,7 @@ def test_config_file_switch_false_and_paths(tmp_path: Path) -> None:
         ("region = a\nregion = b\n", "proxy.conf:2: 'region' is set twice"),
         (f"access-token = {TOKEN}\naccess-token = x\n", "proxy.conf:2: 'access-token' is set"),
         ("[options]\nregion = us-east-1\n", "proxy.conf:1: section headers are not allowed"),
-        ("verbose = loud\n", "proxy.conf:1: verbose: 'loud': expected a level 0..6"),
+        ("verbose = loud\n", "proxy.conf:1: verbose: 'loud': expected a level 0..255"),
         ("no-ssl-host-verify = maybe\n", "proxy.conf:1: no-ssl-host-verify: 'maybe': expected"),
         ("client-token = nope\n", "proxy.conf:1: client-token: a client token is"),
     ],
@@ -923,8 +950,37 @@ def test_default_config_dir(tmp_path: Path) -> None:
     )
     write(tmp_path / "config" / "bad.ini", "oops\n")
     assert err(["-r", "us-east-1", "-m", "dst"], tmp_path) == (
+        "destination mode needs a service mapping: give -d (e.g. -d SSH1=22) or --config-dir; "
+        "the default ./config is not a mapping directory: "
         "config/bad.ini:1: 'oops': expected 'SERVICE_ID = endpoint'"
     )
+
+
+def test_default_config_dir_that_is_not_mappings(tmp_path: Path) -> None:
+    """A ./config of other settings (a checkout's, /etc/iotunnel's) does not stop a source,
+    whose mappings are optional: it is skipped with a warning naming file:line. An explicit
+    --config-dir stays strict, and -s/-d skip the default directory altogether."""
+    write(tmp_path / "config" / "agent.ini", "# the agent\n[agent]\nport = 8883\n")
+    write(tmp_path / "config" / "destination.d" / "SSHDestination.ini", "SSH1 = 22\n")
+    settings = ok(["-r", "us-east-1", "-m", "src"], tmp_path)
+    assert settings.mappings == ()
+    assert settings.skipped_config_dir == (
+        "not using ./config for mappings (config/agent.ini:2: '[agent]': section headers are "
+        "not allowed); every service gets a free port (choose with -s or --config-dir)"
+    )
+    assert err(["-r", "us-east-1", "-m", "dst"], tmp_path).endswith(
+        "the default ./config is not a mapping directory: "
+        "config/agent.ini:2: '[agent]': section headers are not allowed"
+    )
+    assert err(["-r", "us-east-1", "-m", "src", "--config-dir", "config"], tmp_path) == (
+        "config/agent.ini:2: '[agent]': section headers are not allowed"
+    )
+    assert ok(["-r", "us-east-1", "-d", "SSH1=2222"], tmp_path).skipped_config_dir is None
+    # A usable default directory is read, with nothing to warn about.
+    (tmp_path / "config" / "agent.ini").unlink()
+    usable = ok(["-r", "us-east-1", "-m", "src"], tmp_path)
+    assert usable.mappings == (ServiceMapping("SSH1", Endpoint(None, 22)),)
+    assert usable.skipped_config_dir is None
 
 
 def test_config_dir_errors(tmp_path: Path) -> None:
@@ -969,6 +1025,7 @@ SHIPPED_DIRS = {"SSHDestination.ini": "destination.d", "SSHSource.ini": "source.
             [
                 ServiceMapping("HTTP1", Endpoint(None, 80)),
                 ServiceMapping("SSH1", Endpoint(None, 22)),
+                ServiceMapping("SSH", Endpoint(None, 22)),  # the AWS console's quick setup
             ],
         ),
         (
@@ -1054,7 +1111,11 @@ def test_settings_json_reference_export(tmp_path: Path) -> None:
         read_chunk=32768,
         local_write_buffer=131076,
     )
-    assert settings.bind_address == "localhost"
+    # default_bind_address is where a source listens; a destination binds its outgoing
+    # connections only to an explicit -b (as the reference does).
+    assert settings.bind_address is None
+    source = ok(["-r", "us-east-1", "-s", "5555", "--settings-json", "s.json"], tmp_path)
+    assert source.bind_address == "localhost"
     # -b still wins over default_bind_address.
     assert settings_from(tmp_path, reference, "-b", "0.0.0.0").bind_address == "0.0.0.0"
 
@@ -1123,7 +1184,10 @@ def test_settings_json_endpoint_overrides(tmp_path: Path) -> None:
             "s.json: reconnect_max (60) is below reconnect_base (90)",
         ),
         ("[1, 2]", "s.json: expected a JSON object at the top level"),
-        ('{\n"iotunnel.read_chunk": 1,\n}', "s.json:3: not valid JSON: "),
+        ('{\n"iotunnel.read_chunk": 1,\n}', "s.json: not valid JSON: "),
+        ('{\n"iotunnel.read_chunk": 1,\n}', "(line 3, column 1)"),
+        ("[" * 100_000, "s.json: nested more than 32 levels deep"),
+        ('{"iotunnel.read_chunk": "' + "x" * 2_000_000 + '"}', "s.json: too large: "),
     ],
 )
 def test_settings_json_errors(tmp_path: Path, text: str, message: str) -> None:
@@ -1166,3 +1230,20 @@ def test_default_settings_json_lists_every_knob() -> None:
 def test_tokens_never_appear_in_errors(tmp_path: Path, argv: list[str]) -> None:
     env = {"AWSIOT_TUNNEL_ACCESS_TOKEN": TOKEN, "AWSIOT_TUNNEL_CLIENT_TOKEN": CLIENT}
     err(argv, tmp_path, env)  # err() asserts that no secret is in the message
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        "access-token = " + "A" * 64,  # an option file's line in the mapping directory
+        "AQGAAXiQ" + "x" * 60,  # a token pasted alone
+        "SSH1 = " + "t" * 64,
+    ],
+)
+def test_mapping_file_errors_never_quote_a_long_line(tmp_path: Path, line: str) -> None:
+    """A mapping error names file and line; a line that may be a pasted token is not shown."""
+    path = write(tmp_path / "m.ini", f"HTTP1 = 80\n{line}\n")
+    with pytest.raises(ConfigError) as caught:
+        read_mapping_file(path, mode=Mode.DESTINATION, display="m.ini")
+    assert str(caught.value).startswith("m.ini:2: ")
+    assert line[-40:] not in str(caught.value)

@@ -13,16 +13,23 @@ from proxy.logs import RedactingFilter, configure, register_secrets
 from proxy.retry import backoff, is_retryable
 
 
-def test_backoff_is_exponential_full_jitter_with_a_cap() -> None:
-    bounds: list[float] = []
+def test_backoff_is_exponential_equal_jitter_with_a_cap() -> None:
+    bounds: list[tuple[float, float]] = []
 
     def rand(low: float, high: float) -> float:
-        bounds.append(high)
+        bounds.append((low, high))
         return high
 
     delays = list(itertools.islice(backoff(0.5, 8.0, rand=rand), 7))
     assert delays == [0.5, 1.0, 2.0, 4.0, 8.0, 8.0, 8.0]
-    assert all(d >= 0 for d in itertools.islice(backoff(), 100))
+    assert all(low == high / 2 for low, high in bounds)
+
+
+def test_backoff_never_draws_near_zero_delays() -> None:
+    """Full jitter could draw several ~0 s delays in a row: a reconnect storm (issue 11)."""
+    delays = list(itertools.islice(backoff(1.0, 60.0), 200))
+    assert all(d >= 0.5 for d in delays)
+    assert sum(delays[:4]) >= 7.5  # at most 5 connects in the first 7.5 s
 
 
 def test_only_refusals_are_final() -> None:

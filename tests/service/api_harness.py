@@ -15,9 +15,7 @@ from collections.abc import Coroutine, Mapping
 from concurrent.futures import Future
 from typing import Any, TypeVar
 
-from bench.awsapi import REGION, TEST_KEY_ID, TEST_SECRET
-from bench.pki import PKI
-from service.api import ManagementApi
+from service.api import MAX_BODY, ManagementApi
 from service.clock import Clock, SystemClock
 from service.control import ControlPlane, ControlSettings
 from service.http import HttpServer
@@ -25,6 +23,9 @@ from service.notify import RecordingNotifier
 from service.registry import TunnelRegistry
 from service.server import TunnelService
 from service.sigv4 import SigV4Verifier
+from service.throttle import DEFAULT_THROTTLE, ThrottleSettings
+from testbed.awsapi import REGION, TEST_KEY_ID, TEST_SECRET
+from testbed.pki import PKI
 
 T = TypeVar("T")
 
@@ -53,6 +54,7 @@ class ThreadedApi:
         verifier_clock: Clock | None = None,
         settings: ControlSettings | None = None,
         tls: bool = True,
+        throttle: ThrottleSettings | None = DEFAULT_THROTTLE,
     ) -> None:
         self.pki = pki
         self.tls = tls
@@ -64,7 +66,7 @@ class ThreadedApi:
         context = pki.server_context() if tls else None
 
         async def make() -> tuple[TunnelService, ControlPlane, HttpServer, int, int]:
-            data = TunnelService(self.registry, ssl_context=context)
+            data = TunnelService(self.registry, ssl_context=context, throttle=throttle)
             control = ControlPlane(
                 self.registry, data_plane=data, notifier=self.notifier, settings=settings
             )
@@ -73,7 +75,12 @@ class ThreadedApi:
                 verifier = SigV4Verifier(
                     dict(credentials), REGION, verifier_clock or self.registry.clock
                 )
-            http = HttpServer(ManagementApi(control, verifier=verifier), ssl_context=context)
+            http = HttpServer(
+                ManagementApi(control, verifier=verifier),
+                ssl_context=context,
+                max_body=MAX_BODY,
+                on_error=ManagementApi.http_error,
+            )
             ws_port = await data.start("127.0.0.1", 0)
             api_port = await http.start("127.0.0.1", 0)
             return data, control, http, ws_port, api_port

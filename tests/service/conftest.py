@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from service_harness import Harness
 
-from bench.pki import PKI
+from testbed.pki import PKI
 
 
 @pytest.fixture

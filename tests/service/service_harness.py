@@ -16,11 +16,11 @@ import pytest
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import InvalidStatus
 
-from bench.pki import PKI
 from proxy.protocol.framing import Decoder, encode
 from proxy.protocol.messages import Message
 from service.registry import Mode, TunnelRegistry
 from service.server import TunnelService
+from testbed.pki import PKI
 
 V1 = "aws.iot.securetunneling-1.0"
 V2 = "aws.iot.securetunneling-2.0"
@@ -124,11 +124,13 @@ class Harness:
         client_token: str | None = None,
         headers: Iterable[tuple[str, str]] = (),
         path: str | None = None,
+        **options: Any,
     ) -> Any:
         """A websockets ``connect`` (use with ``async with``) to the service's /tunnel.
 
         It sends ``token`` (by default the mode's token) as ``access-token``, or no such header
-        with ``no_token``.
+        with ``no_token``. ``options`` go to ``connect`` (and on to the event loop's
+        ``create_connection``: ``local_addr=("127.0.0.2", 0)`` picks the source address).
         """
         all_headers = [] if no_token else [("access-token", token or TOKENS[Mode(mode)])]
         if client_token is not None:
@@ -144,6 +146,7 @@ class Harness:
             open_timeout=5000 * self.ms,
             close_timeout=5000 * self.ms,
             logger=logging.getLogger(CLIENT_LOGGER),
+            **options,
         )
 
     @contextlib.asynccontextmanager

@@ -19,12 +19,12 @@ from botocore.exceptions import ClientError
 from service_harness import V3
 from websockets.asyncio.client import connect
 
-from bench.awsapi import TEST_KEY_ID, TEST_SECRET
-from bench.pki import PKI
 from service.api import ManagementApi
 from service.clock import ManualClock
 from service.control import ControlPlane, ControlSettings, Limits
 from service.registry import TunnelRegistry
+from testbed.awsapi import TEST_KEY_ID, TEST_SECRET
+from testbed.pki import PKI
 
 TARGET = "IoTSecuredTunneling."
 
@@ -330,7 +330,7 @@ UNKNOWN = "UnknownOperationException"
     ("operation", "body", "code", "fragment"),
     [
         ("OpenTunnel", b"{not json", SERIALIZATION, "not valid JSON"),
-        ("OpenTunnel", b"\xff\xfe", SERIALIZATION, "not valid JSON"),
+        ("OpenTunnel", b"\xff\xfe", SERIALIZATION, "not UTF-8"),
         ("OpenTunnel", b"[1, 2]", SERIALIZATION, "JSON object"),
         ("FlyToTheMoon", b"{}", UNKNOWN, "FlyToTheMoon"),
         ("DescribeTunnel", b"{}", "", "tunnelId: missing"),
@@ -539,3 +539,200 @@ def test_an_internal_failure_is_a_500_and_logged(caplog: pytest.LogCaptureFixtur
     assert response.status == 500
     assert json.loads(response.body) == {"__type": "InternalFailure", "message": "internal error"}
     assert "disk on fire" in caplog.text  # in the log, not in the answer
+
+
+def _signed_headers_for(
+    api: ThreadedApi, body: bytes, headers: dict[str, str], *, secret: str = TEST_SECRET
+) -> dict[str, str]:
+    """``headers`` plus the Authorization and X-Amz-Date botocore adds, signing over exactly
+    the headers given (and host)."""
+    from botocore.auth import SigV4Auth
+    from botocore.awsrequest import AWSRequest
+    from botocore.credentials import Credentials
+
+    request = AWSRequest(
+        method="POST", url=f"https://127.0.0.1:{api.api_port}/", data=body, headers=headers
+    )
+    SigV4Auth(Credentials(TEST_KEY_ID, secret), "IoTSecuredTunneling", "us-east-1").add_auth(
+        request
+    )
+    return dict(request.headers.items())
+
+
+def _post(api: ThreadedApi, body: bytes, headers: dict[str, str]) -> tuple[int, dict[str, Any]]:
+    conn = _https(api)
+    try:
+        conn.request("POST", "/", body=body, headers=headers)
+        response = conn.getresponse()
+        return response.status, json.loads(response.read())
+    finally:
+        conn.close()
+
+
+def test_an_unsigned_target_cannot_be_swapped(signed_api: ThreadedApi) -> None:
+    """Issue 11 #3: a signature over host;x-amz-date only must not authorize whatever
+    X-Amz-Target is sent with it (a DescribeTunnel replayed as a CloseTunnel)."""
+    tunnel_id = signed_api.client().open_tunnel()["tunnelId"]
+    body = json.dumps({"tunnelId": tunnel_id}).encode()
+    headers = _signed_headers_for(signed_api, body, {})
+    assert "x-amz-target" not in headers["Authorization"].lower()
+    for operation in ("DescribeTunnel", "CloseTunnel"):
+        status, document = _post(
+            signed_api, body, {**headers, "X-Amz-Target": TARGET + operation}
+        )
+        assert (status, document["__type"]) == (403, "IncompleteSignatureException")
+        assert "X-Amz-Target" in document["message"]
+    described = signed_api.client().describe_tunnel(tunnelId=tunnel_id)["tunnel"]
+    assert described["status"] == "OPEN"
+
+
+@pytest.mark.parametrize("signed", ["host;x-amz-target", "x-amz-date;x-amz-target"])
+def test_host_and_date_must_be_signed(signed_api: ThreadedApi, signed: str) -> None:
+    body = b"{}"
+    headers = _signed_headers_for(signed_api, body, {"X-Amz-Target": TARGET + "ListTunnels"})
+    authorization = headers["Authorization"]
+    assert "SignedHeaders=host;x-amz-date;x-amz-target," in authorization
+    headers["Authorization"] = authorization.replace(
+        "SignedHeaders=host;x-amz-date;x-amz-target,", f"SignedHeaders={signed},"
+    )
+    status, document = _post(signed_api, body, headers)
+    assert (status, document["__type"]) == (403, "IncompleteSignatureException")
+    assert "SignedHeader" in document["message"]
+
+
+def test_every_sent_amz_header_must_be_signed(signed_api: ThreadedApi) -> None:
+    body = b"{}"
+    headers = _signed_headers_for(signed_api, body, {"X-Amz-Target": TARGET + "ListTunnels"})
+    status, document = _post(signed_api, body, {**headers, "X-Amz-Security-Token": "x"})
+    assert (status, document["__type"]) == (403, "IncompleteSignatureException")
+    assert "x-amz-security-token" in document["message"]
+
+
+def test_a_signed_content_hash_must_be_the_body_hash(signed_api: ThreadedApi) -> None:
+    """A request signed with X-Amz-Content-SHA256 (of the body it was signed with) cannot carry
+    another body: the canonical request covers the real payload hash."""
+    import hashlib
+
+    tunnel_id = signed_api.client().open_tunnel()["tunnelId"]
+    signed_body = json.dumps({"tunnelId": tunnel_id}).encode()
+    headers = _signed_headers_for(
+        signed_api,
+        signed_body,
+        {
+            "X-Amz-Target": TARGET + "CloseTunnel",
+            "X-Amz-Content-SHA256": hashlib.sha256(signed_body).hexdigest(),
+        },
+    )
+    assert "x-amz-content-sha256" in headers["Authorization"]
+    other = json.dumps({"tunnelId": tunnel_id, "delete": True}).encode()
+    status, document = _post(signed_api, other, headers)
+    assert (status, document["__type"]) == (403, "InvalidSignatureException")
+    assert "x-amz-content-sha256" in document["message"]
+    assert signed_api.registry.find(tunnel_id) is not None
+    # an UNSIGNED-PAYLOAD claim is refused the same way
+    headers = _signed_headers_for(
+        signed_api,
+        signed_body,
+        {"X-Amz-Target": TARGET + "CloseTunnel", "X-Amz-Content-SHA256": "UNSIGNED-PAYLOAD"},
+    )
+    status, document = _post(signed_api, signed_body, headers)
+    assert (status, document["__type"]) == (403, "InvalidSignatureException")
+    # the honest request with the header goes through
+    headers = _signed_headers_for(
+        signed_api,
+        signed_body,
+        {
+            "X-Amz-Target": TARGET + "CloseTunnel",
+            "X-Amz-Content-SHA256": hashlib.sha256(signed_body).hexdigest(),
+        },
+    )
+    assert _post(signed_api, signed_body, headers)[0] == 200
+    assert signed_api.registry.find(tunnel_id).is_open is False  # type: ignore[union-attr]
+
+
+# ---------------------------------------------------------------------------- hostile JSON
+
+
+def _post_plain(api: ThreadedApi, operation: str, body: bytes) -> tuple[int, str, bytes]:
+    conn = _https(api)
+    try:
+        conn.request("POST", "/", body=body, headers={"X-Amz-Target": TARGET + operation})
+        response = conn.getresponse()
+        return response.status, response.getheader("Content-Type") or "", response.read()
+    finally:
+        conn.close()
+
+
+@pytest.mark.parametrize(
+    ("body", "fragment"),
+    [
+        (b"[" * 100_000, "nested more than"),
+        (b'{"tags": ' + b"[" * 5_000 + b"]" * 5_000 + b"}", "nested more than"),
+        (b'{"description": "' + b"x" * (300 * 1024) + b'"}', "over"),
+    ],
+    ids=["deep", "deep-member", "huge"],
+)
+def test_deep_or_huge_json_is_refused_in_one_line(
+    api: ThreadedApi, caplog: pytest.LogCaptureFixture, body: bytes, fragment: str
+) -> None:
+    """Issue 11 #7: nesting or size that would exhaust the parser is a 4xx, not a 500."""
+    caplog.set_level("INFO")
+    before = len(api.registry)
+    status, content_type, raw = _post_plain(api, "OpenTunnel", body)
+    document = json.loads(raw)
+    assert status in (400, 413)
+    assert (document["__type"], content_type) == (
+        "SerializationException",
+        "application/x-amz-json-1.1",
+    )
+    assert fragment in document["message"]
+    assert "\n" not in document["message"]
+    assert len(api.registry) == before
+    assert "Traceback" not in caplog.text
+    logged = [
+        r.getMessage()
+        for r in caplog.records
+        if r.name in ("service.api", "service.http") and f" {status}" in r.getMessage()
+    ]
+    assert logged
+    assert all("\n" not in line for line in logged)
+
+
+def test_a_body_over_the_http_limit_gets_an_aws_shaped_413(api: ThreadedApi) -> None:
+    status, content_type, raw = _post_plain(api, "OpenTunnel", b"x" * (2 * 1024 * 1024))
+    assert status == 413
+    assert content_type == "application/x-amz-json-1.1"
+    assert json.loads(raw)["__type"] == "SerializationException"
+
+
+@pytest.mark.parametrize(
+    "cursor",
+    [
+        b"[" * 3000,
+        b"[" + b"9" * 400 + b', "t"]',
+        b'[NaN, "t"]',
+        b'{"a": 1, "b": 2}',
+        b'[1, ["t"]]',
+        b"\xff\xfe",
+    ],
+    ids=["deep", "huge-int", "nan", "object", "non-string-id", "not-utf8"],
+)
+def test_a_hostile_next_token_is_an_invalid_request(api: ThreadedApi, cursor: bytes) -> None:
+    import base64
+
+    token = base64.urlsafe_b64encode(cursor).decode()
+    assert len(token) <= 4096
+    status, _, raw = _post_plain(api, "ListTunnels", json.dumps({"nextToken": token}).encode())
+    document = json.loads(raw)
+    assert (status, document["__type"]) == (400, "InvalidRequestException")
+    assert "nextToken" in document["message"]
+
+
+def test_an_unsignable_host_is_an_invalid_signature(signed_api: ThreadedApi) -> None:
+    """Found by test_service_fuzz_api: a Host such as "[" made botocore's URL parsing raise,
+    a 500 with a traceback in the log."""
+    body = b"{}"
+    headers = _signed_headers_for(signed_api, body, {"X-Amz-Target": TARGET + "ListTunnels"})
+    status, document = _post(signed_api, body, {**headers, "Host": "["})
+    assert (status, document["__type"]) == (403, "InvalidSignatureException")
+    assert "Host" in document["message"]

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.awsapi import (
+from testbed.awsapi import (
     TEST_KEY_ID,
     ApiService,
     aws_cli,
@@ -18,8 +18,8 @@ from bench.awsapi import (
     start_api_service,
     write_credentials,
 )
-from bench.harness import Stack
-from bench.pki import PKI
+from testbed.harness import Stack
+from testbed.pki import PKI
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,6 @@ import pytest
 from service_harness import CLIENT_LOGGER, TOKENS, V3, Harness
 from websockets.asyncio.client import connect
 
-from bench.pki import PKI
 from proxy import __version__
 from proxy.protocol.framing import Decoder
 from proxy.protocol.messages import Message
@@ -24,6 +23,7 @@ from proxy.protocol.messages import MessageType as T
 from service.cli import main
 from service.config import ConfigError, load_tunnels, tls_context
 from service.registry import Mode, TunnelRegistry
+from testbed.pki import PKI
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "config" / "service.example.json"
@@ -108,7 +108,7 @@ def test_bad_tunnels_file(tmp_path: Path, document: Any, field: str) -> None:
     with pytest.raises(ConfigError) as info:
         load_tunnels(path, TunnelRegistry())
     message = str(info.value)
-    assert message.startswith(f"{path}: ")
+    assert message.startswith(f"--tunnels {path}: ")
     assert field in message
     assert "\n" not in message
     for token in TOKENS.values():
@@ -117,8 +117,40 @@ def test_bad_tunnels_file(tmp_path: Path, document: Any, field: str) -> None:
 
 def test_invalid_json_names_line_and_column(tmp_path: Path) -> None:
     path = tunnels_file(tmp_path, None, raw='{"tunnels": [\n  {"tunnelId": }]}')
-    with pytest.raises(ConfigError, match=r"tunnels\.json: invalid JSON at line 2 column 16"):
+    with pytest.raises(
+        ConfigError, match=r"tunnels\.json: not valid JSON: .*\(line 2, column 16\)"
+    ):
         load_tunnels(path, TunnelRegistry())
+
+
+@pytest.mark.parametrize(
+    ("raw", "fragment"),
+    [
+        ("[" * 100_000, "nested more than 8 levels deep"),
+        ('{"tunnels": [' + "[" * 5_000 + "]" * 5_000 + "]}", "nested more than 8 levels deep"),
+        ('{"tunnels": []}' + " " * 2000, "too large: 2015 bytes, at most 1000"),
+        ('{"tunnels": [{"tunnelId": "\xff"}]}', None),
+    ],
+    ids=["deep", "deep-entry", "huge", "latin-1"],
+)
+def test_deep_or_huge_tunnels_file_is_one_line_exit_2(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    raw: str,
+    fragment: str | None,
+) -> None:
+    """Issue 11 #7: a tunnels file that would exhaust the parser is refused in one line."""
+    import service.config
+
+    if len(raw) < 10_000:  # a small limit for the huge case, not for the deep ones
+        monkeypatch.setattr(service.config, "MAX_TUNNELS_FILE", 1000)
+    path = tmp_path / "tunnels.json"
+    path.write_bytes(raw.encode("latin-1"))
+    path.chmod(0o600)
+    code, _, err = run_main(["--plain", "--tunnels", str(path)], capsys)
+    assert code == 2
+    assert_one_line_error(err, f"--tunnels {path}: ", fragment or "not UTF-8")
 
 
 def test_unreadable_tunnels_file(tmp_path: Path) -> None:
@@ -275,7 +307,7 @@ def test_subprocess_bad_tunnels_file(harness: Harness, tmp_path: Path) -> None:
         out, err = await process.communicate()
         assert process.returncode == 2
         assert out == b""
-        assert_one_line_error(err.decode(), str(path), "invalid JSON at line 1 column 2")
+        assert_one_line_error(err.decode(), f"--tunnels {path}", "(line 1, column 2)")
 
     harness.run(scenario())
 

@@ -11,13 +11,13 @@ from pathlib import Path
 
 import pytest
 
-from bench.awsapi import Subscriber
-from bench.harness import Stack
-from bench.mqtt import mosquitto_binary
-from bench.pki import PKI
 from service.control import ControlPlane
 from service.notify import MqttNotifier, MqttSettings, Notification, notify_topic
 from service.registry import Mode, TunnelRegistry
+from testbed.awsapi import Subscriber
+from testbed.harness import Stack
+from testbed.mqtt import mosquitto_binary
+from testbed.pki import PKI
 
 needs_mosquitto = pytest.mark.skipif(
     mosquitto_binary() is None, reason="mosquitto is not installed (Debian package 'mosquitto')"

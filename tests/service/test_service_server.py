@@ -19,10 +19,12 @@ from service_harness import (
     Harness,
 )
 
+from proxy.io.memory import HeapTrimmer
 from proxy.protocol.framing import MAX_WS_MESSAGE, encode
 from proxy.protocol.messages import MAX_PAYLOAD, Message
 from proxy.protocol.messages import MessageType as T
 from service.registry import Mode
+from service.server import MAX_QUEUE
 
 SRC, DST = Mode.SOURCE, Mode.DESTINATION
 SERVICE_IDS = Message(T.SERVICE_IDS, available_service_ids=SERVICES)
@@ -431,6 +433,33 @@ def test_close_tunnel_closes_both_peers(harness: Harness) -> None:
     harness.run(scenario())
 
 
+def test_heap_is_trimmed_once_after_peers_leave(harness: Harness) -> None:
+    """What closed connections leave in the heap goes back to the kernel (proxy/io/memory.py):
+    one trim after both peers of a closed tunnel have left."""
+
+    async def scenario() -> None:
+        trimmed = asyncio.Event()
+
+        def trim() -> bool:
+            trimmed.set()
+            return True
+
+        async with harness.service() as service:
+            service.trimmer = HeapTrimmer(delay=0.0, trim=trim)
+            async with (
+                harness.peer(service, DST) as destination,
+                harness.peer(service, SRC) as source,
+            ):
+                await service.close_tunnel(TUNNEL)
+                for peer in (source, destination):
+                    assert await close_code(peer.ws) == 1000
+                async with asyncio.timeout(10_000 * harness.ms):
+                    await trimmed.wait()
+            assert service.trimmer.trims == 1  # both disconnections: one trim
+
+    harness.run(scenario())
+
+
 def test_service_close_sends_going_away(harness: Harness) -> None:
     async def scenario() -> None:
         async with harness.service() as service, harness.peer(service, SRC) as source:
@@ -498,3 +527,30 @@ def test_tokens_never_logged(harness: Harness, caplog: pytest.LogCaptureFixture)
     assert "access-token: [secure]" in text
     for secret in secrets:
         assert secret not in text
+
+
+@pytest.mark.parametrize("bad", ["text", b"\x00\x00"], ids=["text", "empty-frame"])
+def test_bad_input_then_more_messages_closes_cleanly(
+    harness: Harness, caplog: pytest.LogCaptureFixture, bad: str | bytes
+) -> None:
+    """Found by test_service_fuzz_tunnel: junk followed by more messages than websockets queues
+    (MAX_QUEUE) stopped the service reading that connection, so the peer's answer to its close
+    frame was never read: the close handshake stalled until CLOSE_TIMEOUT (then, the peer's own
+    timeout aborted it: close code 1006 in the log instead of the one the service sent)."""
+    caplog.set_level(logging.INFO, logger="service.server")
+
+    async def scenario() -> None:
+        async with harness.service() as service:
+            async with harness.peer(service, SRC) as source:
+                await source.ws.send(bad)
+                for _ in range(MAX_QUEUE + 4):
+                    await source.ws.send(encode(start(1)))
+                await source.ws.wait_closed()
+            async with asyncio.timeout(10_000 * harness.ms):
+                await service.wait_for_peer(TUNNEL, SRC, connected=False)
+
+    harness.run(scenario())
+    code = 1003 if isinstance(bad, str) else 1002
+    lines = [r.getMessage() for r in caplog.records if "peer disconnected" in r.getMessage()]
+    assert len(lines) == 1
+    assert f"close code {code} " in lines[0]

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from bench.harness import Stack
-from bench.pki import PKI
 from service.cli import build_parser, main, parse_args
+from testbed.harness import Stack
+from testbed.pki import PKI
 
 ROOT = Path(__file__).resolve().parents[2]
 SHIPPED = ROOT / "config" / "service.ini"
@@ -117,6 +117,10 @@ def test_bad_settings_file(
         (["--bandwidth-burst", "10k"], "--bandwidth-burst needs --bandwidth-limit"),
         (["--minute-seconds", "0"], "positive number of seconds"),
         (["--closed-retention", "-1"], "0 or more seconds"),
+        (["--handshake-failure-rate", "-1"], "0 or more per second"),
+        (["--handshake-failure-rate", "often"], "not a number per second"),
+        (["--handshake-failure-burst", "0"], "must be 1 to 1000000"),
+        (["--handshake-throttle-addresses", "0"], "must be 1 to 10000000"),
         (["--region", "moon"], "not a valid region"),
         (["--account-id", "12"], "not a valid account id"),
         (["--credentials", "/nonexistent"], "--credentials needs --api-port"),
@@ -204,3 +208,25 @@ def test_restart_keeps_tunnels_and_file_tunnels(tmp_path: Path, pki: PKI) -> Non
         assert second.stop() == 0
     for token in (opened["sourceAccessToken"], opened["destinationAccessToken"]):
         assert str(token) not in first.output() + second.output()
+
+
+def test_a_deeply_nested_state_row_is_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A damaged (or tampered) state file whose row is nested deep enough to exhaust the JSON
+    parser is a one-line error too, not a traceback."""
+    import sqlite3
+
+    from service.store import SqliteStore
+
+    path = tmp_path / "state.db"
+    SqliteStore(path).close()
+    with sqlite3.connect(path) as db:
+        db.execute(
+            "INSERT INTO tunnels (tunnel_id, status, created_at, data) VALUES (?, ?, ?, ?)",
+            ("t", "OPEN", 0.0, "[" * 100_000),
+        )
+    db.close()
+    line = one_line_error(capsys, ["--plain", "--state", str(path)])
+    assert f"{path}: tunnel 't': malformed row" in line
+    assert "nested more than" in line

@@ -1,6 +1,6 @@
 """Property tests of the protocol core (hypothesis, after mitmproxy's ``test_http_fuzz.py``).
 
-The invariants (STYLE.md principle 8, h11's ``fuzz/afl-server.py``): bytes from the peer either
+The invariants (after h11's ``fuzz/afl-server.py``): bytes from the peer either
 decode or raise :class:`RemoteProtocolError`, never anything else; a session records peer errors
 and never raises; how the bytes are cut into WebSocket messages never matters; and two sessions
 driven through any interleaving of valid operations agree on which connections are open.

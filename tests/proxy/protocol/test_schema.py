@@ -1,4 +1,5 @@
-"""The generated ``_pb/Message_pb2.py`` matches ``Message.proto``, and both match PROTOCOL.md.
+"""The generated ``_pb/Message_pb2.py`` matches ``Message.proto``, and both match the schema in
+proxy/protocol/PROTOCOL.md, section 'Message'.
 
 Regenerate after any change to the schema with (from the repository root)::
 
@@ -21,7 +22,8 @@ from proxy.protocol.messages import MessageType
 PROTO_DIR = Path(proxy.protocol.__file__).parent
 PROTO = PROTO_DIR / "Message.proto"
 
-# Transcribed from PROTOCOL.md (the reference proxy's resources/Message.proto).
+# Transcribed from proxy/protocol/PROTOCOL.md, section 'Message' (the reference proxy's
+# resources/Message.proto).
 PACKAGE = "com.amazonaws.iot.securedtunneling"
 FD = descriptor_pb2.FieldDescriptorProto
 FIELDS = {

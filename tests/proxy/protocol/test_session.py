@@ -1,4 +1,7 @@
-"""TunnelSession playbooks: one test (or class) per rule of PROTOCOL.md "Rules"."""
+"""TunnelSession playbooks: one test (or class) per rule.
+
+The rules are those of proxy/protocol/PROTOCOL.md, section 'Rules'.
+"""
 
 from __future__ import annotations
 
@@ -53,7 +56,10 @@ def test_constructor_rejects_unknown_versions() -> None:
 
 
 class TestServiceIds:
-    """PROTOCOL.md: after the handshake the service sends SERVICE_IDS; IDs match a pattern."""
+    """After the handshake the service sends SERVICE_IDS; IDs match a pattern.
+
+    proxy/protocol/PROTOCOL.md, section 'Service IDs'.
+    """
 
     @pytest.mark.parametrize("role", list(Role))
     def test_recorded_and_reported(self, role: Role) -> None:
@@ -179,8 +185,8 @@ class TestSourceV3:
             >> Open("SSH1", ref("SSH1", 1, last))
             << connection_start(1, last)
             >> Open("SSH1", ref("SSH1", 2, 1))
-            << CloseLocal(ref("SSH1", 1, 1))
-            << CloseLocal(ref("SSH1", 1, last))
+            << CloseLocal(ref("SSH1", 1, 1), reset=True)
+            << CloseLocal(ref("SSH1", 1, last), reset=True)
             << stream_start(2)
         )
 
@@ -201,13 +207,31 @@ class TestSourceOldVersions:
             << WriteLocal(first, b"b")
             # Whatever the service, V1 has one stream: a new connection replaces it.
             >> Open("HTTP1", second)
-            << CloseLocal(first)
+            << CloseLocal(first, reset=True)
             << stream_start(2, service="", conn=0)
             >> Write(first, b"late")
             >> Closed(second)
             << stream_reset(2, service="")
         )
         assert src.connection_count == 0
+
+    def test_unnamed_service_on_v3_is_a_v1_stream(self, src: TunnelSession) -> None:
+        """A tunnel announcing no service is served by ``-s PORT`` as the unnamed V1 stream:
+        a STREAM_START without service or connection id, one connection at a time (a
+        destination reads such a STREAM_START as V1 and refuses CONNECTION_START on it)."""
+        first, second = ref("", 1, 1), ref("", 2, 1)
+        assert (
+            Playbook(src)
+            >> Open("", first)
+            << stream_start(1, service="", conn=0)
+            >> Write(first, b"a")
+            << data(1, b"a", service="", conn=0)
+            >> Open("", second)
+            << CloseLocal(first, reset=True)
+            << stream_start(2, service="", conn=0)
+            >> Closed(second)
+            << stream_reset(2, service="")
+        )
 
     def test_v2_no_connection_id_and_a_second_connection_replaces_the_first(self) -> None:
         src = TunnelSession(Role.SOURCE, version=2)
@@ -221,7 +245,7 @@ class TestSourceOldVersions:
             >> data(1, b"b", conn=0)
             << WriteLocal(first, b"b")
             >> Open("SSH1", second)
-            << CloseLocal(first)
+            << CloseLocal(first, reset=True)
             << stream_start(2, conn=0)
             >> Open("HTTP1", http)
             << stream_start(3, "HTTP1", conn=0)
@@ -329,6 +353,23 @@ class TestVersionDetection:
             << data(1, b"out", service="", conn=0)
             >> Closed(conn)
             << stream_reset(1, service="")
+        )
+        assert dst.connection_count == 0
+
+    def test_unnamed_peer_with_connection_ids(self, dst: TunnelSession) -> None:
+        """The reference's unnamed mapping on a tunnel without services: no service id, but
+        connection ids, which it expects back (it drops DATA with connection id 0)."""
+        conn = ref("", 1, 1)
+        assert (
+            Playbook(dst)
+            >> stream_start(1, service="", conn=1)
+            << OpenLocal(conn)
+            >> data(1, b"in", service="", conn=1)
+            << WriteLocal(conn, b"in")
+            >> Write(conn, b"out")
+            << data(1, b"out", service="", conn=1)
+            >> Closed(conn)
+            << connection_reset(1, service="", conn=1)
         )
         assert dst.connection_count == 0
 
@@ -543,8 +584,8 @@ class TestResets:
         assert (
             Playbook(session)
             >> load_hex("session_reset")
-            << CloseLocal(ref("SSH1", 1, 1))
-            << CloseLocal(ref("HTTP1", 2, 1))
+            << CloseLocal(ref("SSH1", 1, 1), reset=True)
+            << CloseLocal(ref("HTTP1", 2, 1), reset=True)
             >> SESSION_RESET
         )
         assert session.connection_count == 0
@@ -558,8 +599,8 @@ class TestResets:
             >> connection_start(1, 2)
             << OpenLocal(old2)
             >> stream_start(2)
-            << CloseLocal(old1)
-            << CloseLocal(old2)
+            << CloseLocal(old1, reset=True)
+            << CloseLocal(old2, reset=True)
             << OpenLocal(new)
             >> data(1, b"old stream: stale")
             >> Write(old1, b"dead")
@@ -574,7 +615,7 @@ class TestResets:
             >> stream_start(1)
             << OpenLocal(conn)
             >> stream_start(1)
-            << CloseLocal(conn)
+            << CloseLocal(conn, reset=True)
             << OpenLocal(conn)
         )
 
@@ -619,8 +660,8 @@ class TestReset:
             << OpenLocal(ref("HTTP1", 2, 1))
             >> load_hex("data_v3")[:5]  # part of a frame is buffered ...
             >> Reset()
-            << CloseLocal(ref("SSH1", 1, 1))
-            << CloseLocal(ref("HTTP1", 2, 1))
+            << CloseLocal(ref("SSH1", 1, 1), reset=True)
+            << CloseLocal(ref("HTTP1", 2, 1), reset=True)
             >> data(1, b"stale after reset")  # ... and dropped: this frame decodes cleanly
             >> stream_start(3, "VNC1")  # SERVICE_IDS forgotten: no longer unannounced
             << OpenLocal(ref("VNC1", 3, 1))
@@ -635,7 +676,7 @@ class TestReset:
         """
         conn = src.open_connection("SSH1")
         src.reset()
-        assert src.actions() == [CloseLocal(conn)]
+        assert src.actions() == [CloseLocal(conn, reset=True)]
         assert src.data_to_send() == []
         assert (
             Playbook(src)
@@ -650,7 +691,7 @@ class TestReset:
             << OpenLocal(ref("SSH1", 1, 1))
             >> b"\x00\x00"
             << Err("tunnel frame length 0", fatal=True)
-            << CloseLocal(ref("SSH1", 1, 1))
+            << CloseLocal(ref("SSH1", 1, 1), reset=True)
         )
         assert dst.broken
         # Until reset(), nothing more is read.
@@ -666,7 +707,7 @@ class TestReset:
             << stream_start(1)
             >> b"\x00\x01\xff"
             << Err("undecodable tunnel message", fatal=True)
-            << CloseLocal(conn)
+            << CloseLocal(conn, reset=True)
             >> Write(conn, b"x")
         )
         assert src.broken

@@ -1,8 +1,8 @@
 """Small real servers for the demo, the benchmarks and the end-to-end tests.
 
-``python -m bench.servers echo [--port N]`` runs a TCP echo server;
-``python -m bench.servers http --directory DIR [--port N]`` a threaded HTTP/1.1 file server;
-``python -m bench.servers blob [--port N]`` a bulk-transfer server: a client sends ``D`` or ``U``
+``python -m testbed.servers echo [--port N]`` runs a TCP echo server;
+``python -m testbed.servers http --directory DIR [--port N]`` a threaded HTTP/1.1 file server;
+``python -m testbed.servers blob [--port N]`` a bulk-transfer server: a client sends ``D`` or ``U``
 and an 8-byte big-endian count N; on ``D`` the server sends N bytes and closes, on ``U`` it reads
 N bytes and answers ``K``.
 Each prints ``port N`` on stdout once it listens, then serves until SIGTERM/SIGINT.
@@ -115,7 +115,7 @@ def serve_http(host: str, port: int, directory: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.servers")
+    parser = argparse.ArgumentParser(prog="python -m testbed.servers")
     parser.add_argument("kind", choices=["echo", "http", "blob"])
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0)

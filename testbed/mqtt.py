@@ -20,7 +20,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
-from bench.pki import PKI, CertPair
+from testbed.pki import PKI, CertPair
 
 #: The line mosquitto logs once it serves.
 MOSQUITTO_RUNNING = r"mosquitto version \S+ running"

@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from bench.pki import PKI, CertPair
-    from bench.sshd import SshSetup
+    from testbed.pki import PKI, CertPair
+    from testbed.sshd import SshSetup
 
 ROOT = Path(__file__).resolve().parent.parent
 LISTENING_RE = re.compile(r"service (\S+): listening on (\S+)")
@@ -140,8 +140,10 @@ class Stack:
         argv: Sequence[str],
         *,
         env: Mapping[str, str] | None = None,
+        cwd: Path | None = None,
     ) -> Proc:
-        """Start ``argv`` with the project on PYTHONPATH and extra ``env``."""
+        """Start ``argv`` with the project on PYTHONPATH and extra ``env``, in ``cwd`` (the
+        work directory by default)."""
         log_path = self.workdir / f"{name}.log"
         full_env = {k: v for k, v in os.environ.items() if not k.startswith("AWSIOT_TUNNEL_")}
         full_env["PYTHONPATH"] = os.pathsep.join(
@@ -156,7 +158,7 @@ class Stack:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 env=full_env,
-                cwd=self.workdir,
+                cwd=self.workdir if cwd is None else cwd,
             )
         proc = Proc(name, popen, log_path)
         self.procs.append(proc)
@@ -265,15 +267,15 @@ class Stack:
         return Source(proc, ports)
 
     def echo_server(self, name: str = "echo") -> tuple[Proc, int]:
-        proc = self.start(name, [self.python, "-m", "bench.servers", "echo"])
+        proc = self.start(name, [self.python, "-m", "testbed.servers", "echo"])
         return proc, int(proc.wait_for(r"port (\d+)").group(1))
 
     def blob_server(self, name: str = "blob") -> tuple[Proc, int]:
-        proc = self.start(name, [self.python, "-m", "bench.servers", "blob"])
+        proc = self.start(name, [self.python, "-m", "testbed.servers", "blob"])
         return proc, int(proc.wait_for(r"port (\d+)").group(1))
 
     def http_server(self, directory: Path, name: str = "http") -> tuple[Proc, int]:
-        argv = [self.python, "-m", "bench.servers", "http", "--directory", str(directory)]
+        argv = [self.python, "-m", "testbed.servers", "http", "--directory", str(directory)]
         proc = self.start(name, argv)
         return proc, int(proc.wait_for(r"port (\d+)").group(1))
 
@@ -284,7 +286,7 @@ class Stack:
 
         ``port=0`` picks a free one; pass the old port to restart a broker in place.
         """
-        from bench.mqtt import MOSQUITTO_RUNNING, mosquitto_binary, mosquitto_config
+        from testbed.mqtt import MOSQUITTO_RUNNING, mosquitto_binary, mosquitto_config
 
         binary = mosquitto_binary()
         if binary is None:
@@ -295,14 +297,15 @@ class Stack:
         proc.wait_for(MOSQUITTO_RUNNING)
         return proc, port
 
-    def sshd(self, name: str = "sshd") -> tuple[Proc, int, SshSetup]:
-        """Start a throw-away sshd on a free loopback port (see :mod:`bench.sshd`)."""
-        from bench.sshd import SSHD_LISTENING, prepare_sshd, sshd_binary
+    def sshd(self, name: str = "sshd", *, keys: Path | None = None) -> tuple[Proc, int, SshSetup]:
+        """Start a throw-away sshd on a free loopback port (see :mod:`testbed.sshd`); its keys and
+        config go to ``keys`` (default: ``<work directory>/<name>``)."""
+        from testbed.sshd import SSHD_LISTENING, prepare_sshd, sshd_binary
 
         binary = sshd_binary()
         if binary is None:
             raise HarnessError("sshd/ssh are not installed (openssh-server, openssh-client)")
-        setup = prepare_sshd(self.workdir / name)
+        setup = prepare_sshd(self.workdir / name if keys is None else keys)
         port = free_port()
         proc = self.start(name, setup.argv(binary, port))
         proc.wait_for(SSHD_LISTENING)

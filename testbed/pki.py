@@ -7,14 +7,18 @@ Built with ``cryptography`` (EC P-256 keys, fast to make). Files are PEM, keys u
     pki.client_context()            # ssl.SSLContext that trusts the CA
     pki.issue_client("thing-1")     # CertPair signed by the CA, for mutual TLS (MQTT)
     self_signed(tmp_path)           # a server certificate no CA issued (for -k)
+
+From a shell, ``python -m testbed.pki DIR [--client NAME ...]`` makes one and says what is in it.
 """
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import ipaddress
 import ssl
 import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -72,8 +76,9 @@ class PKI:
 
     @classmethod
     def create(cls, directory: Path) -> PKI:
-        """Make a CA, a server and a client certificate (``client``) in ``directory``."""
-        directory.mkdir(parents=True, exist_ok=True)
+        """Make a CA, a server and a client certificate (``client``) in ``directory``
+        (created mode 0700 when missing: it holds private keys)."""
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         now = datetime.datetime.now(datetime.UTC)
         key = ec.generate_private_key(ec.SECP256R1())
         name = _name("iotunnel test CA")
@@ -227,3 +232,52 @@ def self_signed(directory: Path, stem: str = "self-signed") -> CertPair:
     _write_cert(cert, pair.cert)
     _write_key(key, pair.key)
     return pair
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m testbed.pki DIR``: make a throw-away PKI and list what it made."""
+    parser = argparse.ArgumentParser(
+        prog="python -m testbed.pki",
+        description="Make a throw-away CA, a server certificate for localhost, 127.0.0.1 and "
+        f"::1, and client certificates, valid for {_VALIDITY.days} days (for trying iotunnel "
+        "out on one machine, never for production).",
+    )
+    parser.add_argument("directory", type=Path, help="where to write them (created mode 0700)")
+    parser.add_argument(
+        "--client",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="also a client certificate with this common name (NAME.pem, NAME.key); repeatable",
+    )
+    args = parser.parse_args(argv)
+    directory: Path = args.directory
+    for name in args.client:
+        if not name or name in {"ca", "server", "client"} or not name.replace("-", "").isalnum():
+            parser.error(f"--client: {name!r}: use letters, digits and '-' (not ca/server/client)")
+    if directory.exists() and (not directory.is_dir() or any(directory.iterdir())):
+        parser.error(f"{directory}: exists and is not an empty directory")
+    pki = PKI.create(directory)
+    extra = [pki.issue_client(name) for name in args.client]
+    until = datetime.datetime.now(datetime.UTC) + _VALIDITY
+    names = ", ".join([*SERVER_NAMES, *SERVER_ADDRESSES])
+    rows = [
+        (pki.ca.cert, "the CA certificate: what clients trust (-c, --mqtt-ca, AWS_CA_BUNDLE)"),
+        (pki.ca.key, "the CA's private key"),
+        (pki.server.cert, f"server certificate for {names} (--cert)"),
+        (pki.server.key, "its private key (--key)"),
+        (pki.client.cert, "client certificate, common name 'client' (mutual TLS)"),
+        (pki.client.key, "its private key"),
+    ]
+    for pair in extra:
+        rows += [(pair.cert, f"client certificate, common name {pair.cert.stem!r}")]
+        rows += [(pair.key, "its private key")]
+    print(f"a throw-away PKI in {directory} (EC P-256, valid until {until:%Y-%m-%d %H:%M} UTC):")
+    width = max(len(path.name) for path, _ in rows)
+    for path, what in rows:
+        print(f"  {path.name:<{width}}  {what}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

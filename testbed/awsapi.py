@@ -26,9 +26,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Self
 
-from bench.harness import Proc, Stack
-from bench.mqtt import Publisher
-from bench.pki import PKI, CertPair
+from testbed.harness import Proc, Stack
+from testbed.mqtt import Publisher
+from testbed.pki import PKI, CertPair
 
 #: Throw-away credentials that the service is told to accept (never real ones).
 TEST_KEY_ID = "AKIAIOTUNNELTEST0001"
@@ -139,6 +139,16 @@ def aws_env(credentials: Path, ca: Path | None, region: str = REGION) -> dict[st
     if ca is not None:
         env["AWS_CA_BUNDLE"] = str(ca)
     return env
+
+
+def boto3_client(service: ApiService, ca: Path) -> Any:
+    """A boto3 ``iotsecuretunneling`` client for the service, with the test credentials."""
+    import boto3
+
+    session = boto3.session.Session(
+        aws_access_key_id=TEST_KEY_ID, aws_secret_access_key=TEST_SECRET, region_name=REGION
+    )
+    return session.client("iotsecuretunneling", endpoint_url=service.endpoint, verify=str(ca))
 
 
 def aws_cli(
