@@ -9,9 +9,11 @@ import threading
 import time
 
 
-def http_get(port: int, path: str, *, timeout: float = 20.0) -> tuple[int, bytes]:
+def http_get(
+    port: int, path: str, *, timeout: float = 20.0, host: str = "127.0.0.1"
+) -> tuple[int, bytes]:
     """One HTTP/1.1 GET on its own connection; returns status and body."""
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    conn = http.client.HTTPConnection(host, port, timeout=timeout)
     try:
         conn.request("GET", path, headers={"Connection": "close"})
         response = conn.getresponse()
@@ -20,9 +22,11 @@ def http_get(port: int, path: str, *, timeout: float = 20.0) -> tuple[int, bytes
         conn.close()
 
 
-def echo_roundtrips(port: int, count: int, *, size: int = 64, timeout: float = 20.0) -> int:
+def echo_roundtrips(
+    port: int, count: int, *, size: int = 64, timeout: float = 20.0, host: str = "127.0.0.1"
+) -> int:
     """Interactive use of an echo service: ``count`` request/response pairs on one connection."""
-    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+    with socket.create_connection((host, port), timeout=timeout) as sock:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         for i in range(count):
             message = (f"{i:08d}".encode() * (size // 8 + 1))[:size]

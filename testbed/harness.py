@@ -190,9 +190,18 @@ class Stack:
         return proc, int(match.group(1))
 
     def proxy_argv(
-        self, mode: str, port: int, *, ca: Path | None, verbosity: int, args: Sequence[str]
+        self,
+        mode: str,
+        port: int,
+        *,
+        ca: Path | None,
+        verbosity: int,
+        args: Sequence[str],
+        tls: bool | None = None,
     ) -> list[str]:
-        scheme = "wss" if ca is not None else "ws"
+        """``python -m proxy`` for the service on ``port``: ``wss://`` when ``tls`` (default:
+        when a ``ca`` is given, which goes to ``-c``), else ``ws://``."""
+        scheme = "wss" if (ca is not None if tls is None else tls) else "ws"
         argv = [self.python, "-m", "proxy", "-m", mode, "-e", f"{scheme}://127.0.0.1:{port}"]
         if ca is not None:
             argv += ["-c", str(ca)]
@@ -210,9 +219,12 @@ class Stack:
         name: str = "destination",
         extra: Sequence[str] = (),
         env: Mapping[str, str] | None = None,
+        tls: bool | None = None,
     ) -> Proc:
         """Start a destination-mode proxy (``-d mapping``) and wait for its connection."""
-        argv = self.proxy_argv("dst", port, ca=ca, verbosity=verbosity, args=["-d", mapping])
+        argv = self.proxy_argv(
+            "dst", port, ca=ca, verbosity=verbosity, args=["-d", mapping], tls=tls
+        )
         proc = self.start(
             name, [*argv, *extra], env={"AWSIOT_TUNNEL_ACCESS_TOKEN": token, **(env or {})}
         )
@@ -231,9 +243,12 @@ class Stack:
         name: str = "source",
         extra: Sequence[str] = (),
         env: Mapping[str, str] | None = None,
+        tls: bool | None = None,
     ) -> Source:
         """Start a source-mode proxy and wait until it listens for each of ``services``."""
-        argv = self.proxy_argv("src", port, ca=ca, verbosity=verbosity, args=["-s", mapping])
+        argv = self.proxy_argv(
+            "src", port, ca=ca, verbosity=verbosity, args=["-s", mapping], tls=tls
+        )
         proc = self.start(
             name, [*argv, *extra], env={"AWSIOT_TUNNEL_ACCESS_TOKEN": token, **(env or {})}
         )
@@ -345,12 +360,13 @@ def agent_ini(path: Path, settings: Mapping[str, object]) -> Path:
     return path
 
 
-def free_port() -> int:
-    """A TCP port that nothing listens on right now (for 'connection refused' cases)."""
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that nothing listens on at ``host`` right now (for 'connection refused'
+    cases, and for programs that must be told a port)."""
     import socket
 
     with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
+        sock.bind((host, 0))
         return int(sock.getsockname()[1])
 
 

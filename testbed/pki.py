@@ -6,6 +6,7 @@ Built with ``cryptography`` (EC P-256 keys, fast to make). Files are PEM, keys u
     pki.server_context()            # ssl.SSLContext for a TLS server on localhost
     pki.client_context()            # ssl.SSLContext that trusts the CA
     pki.issue_client("thing-1")     # CertPair signed by the CA, for mutual TLS (MQTT)
+    self_signed(tmp_path)           # a server certificate no CA issued (for -k)
 
 From a shell, ``python -m testbed.pki DIR [--client NAME ...]`` makes one and says what is in it.
 """
@@ -202,6 +203,33 @@ def _issue(
         builder = builder.add_extension(x509.SubjectAlternativeName(alt_names), critical=False)
     pair = CertPair(directory / f"{stem}.pem", directory / f"{stem}.key")
     _write_cert(builder.sign(ca_key, hashes.SHA256()), pair.cert)
+    _write_key(key, pair.key)
+    return pair
+
+
+def self_signed(directory: Path, stem: str = "self-signed") -> CertPair:
+    """A self-signed server certificate for loopback (``<stem>.pem``/``.key``), issued by no CA:
+    valid for the host names, trusted by nobody (what ``-k`` is for)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.UTC)
+    name = _name("iotunnel self-signed server")
+    alt_names: list[x509.GeneralName] = [x509.DNSName(n) for n in SERVER_NAMES]
+    alt_names += [x509.IPAddress(ipaddress.ip_address(a)) for a in SERVER_ADDRESSES]
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + _VALIDITY)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(x509.SubjectAlternativeName(alt_names), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    pair = CertPair(directory / f"{stem}.pem", directory / f"{stem}.key")
+    _write_cert(cert, pair.cert)
     _write_key(key, pair.key)
     return pair
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -22,6 +23,7 @@ if _ROOT in sys.path:
     sys.path.remove(_ROOT)
 sys.path.insert(0, _ROOT)
 
+from testbed.harness import Stack  # noqa: E402
 from testbed.pki import PKI  # noqa: E402
 
 #: One millisecond of timeout, in seconds, scaled for slow machines.
@@ -39,3 +41,19 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> PKI:
     """A test CA with a loopback server certificate and a client certificate."""
     directory: Path = tmp_path_factory.mktemp("pki")
     return PKI.create(directory)
+
+
+@pytest.fixture
+def stack(tmp_path: Path) -> Iterator[Stack]:
+    """Processes for one test; every one is stopped when the test ends."""
+    with Stack(tmp_path / "run") as s:
+        yield s
+
+
+@pytest.fixture(scope="session")
+def www(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The HTTP server's document root."""
+    root = tmp_path_factory.mktemp("www")
+    (root / "index.html").write_text("<h1>hello from the device</h1>\n")
+    (root / "blob.bin").write_bytes(bytes(range(256)) * 256)  # 64 KiB
+    return root

@@ -24,22 +24,6 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             item.add_marker(pytest.mark.e2e)
 
 
-@pytest.fixture
-def stack(tmp_path: Path) -> Iterator[Stack]:
-    """Processes for one test; every one is stopped when the test ends."""
-    with Stack(tmp_path / "run") as s:
-        yield s
-
-
-@pytest.fixture(scope="session")
-def www(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The HTTP server's document root."""
-    root = tmp_path_factory.mktemp("www")
-    (root / "index.html").write_text("<h1>hello from the device</h1>\n")
-    (root / "blob.bin").write_bytes(bytes(range(256)) * 256)  # 64 KiB
-    return root
-
-
 @dataclass
 class TwoServices:
     """README.md's walk-through: one tunnel, HTTP1 -> an HTTP server, SSH1 -> an echo server."""
