@@ -306,7 +306,8 @@ class ProxySettings:
         mappings: Service ID -> local endpoint. Empty only in source mode (the runner then picks
             free ports for the services the tunnel announces).
         bind_address: ``-b``: the listen address (source; ``None`` = localhost) or the local
-            address to connect from (destination; ``None`` = any).
+            host of port-only mappings (destination, as the reference proxy; ``None`` =
+            localhost).
         ca_path: ``-c``: a CA bundle file or a directory of CA certificates, as an absolute
             path, checked loadable; added to the system's CAs.
         verify_host: False with ``-k``: the service's certificate is not verified at all
@@ -896,7 +897,7 @@ _OPTIONS = (
         "local-bind-address",
         "b",
         "ADDRESS",
-        "address to listen on (source) or connect from (destination)",
+        "address to listen on (source) or host of port-only mappings (destination)",
     ),
     _Option(
         "capath", "c", "PATH", "CA file or directory to trust for the service, besides the system's"
@@ -1338,8 +1339,8 @@ def _settings(sources: _Sources, cwd: Path, *, token_from_argv: bool) -> ProxySe
 
     bind = sources.get("local-bind-address")
     if bind is None:
-        # The settings file's default is a listen address: a destination binds its outgoing
-        # connections only to an explicit -b (as the reference does).
+        # The settings file's default is a listen address: a destination takes only an
+        # explicit -b as the host of its port-only mappings (as the reference does).
         bind_address = file_settings.default_bind_address if mode is Mode.SOURCE else None
     else:
         try:

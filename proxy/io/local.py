@@ -184,31 +184,24 @@ async def connect_local(
     endpoint: Endpoint,
     *,
     happy_eyeballs_delay: float,
-    bind_address: str | None = None,
+    default_host: str | None = None,
 ) -> None:
     """Connect a destination endpoint (TCP with Happy Eyeballs, or a Unix socket).
 
-    ``bind_address`` (``-b``) is the local address TCP connections come from; only the
-    endpoint's addresses of its family are tried. Callers bound the time with
-    ``asyncio.timeout``.
+    ``default_host`` is the host of an endpoint given as a port alone (``-b`` in destination
+    mode, as the reference proxy uses it; ``localhost`` without it). Callers bound the time
+    with ``asyncio.timeout``.
 
     Raises:
-        OSError: the endpoint could not be reached (or not from ``bind_address``).
+        OSError: the endpoint could not be reached.
     """
     loop = asyncio.get_running_loop()
     if endpoint.path is not None:
         await loop.create_unix_connection(factory, endpoint.path)
         return
-    host, port = endpoint.host or "localhost", endpoint.port or 0
-    local_addr = None if bind_address is None else (bind_address, 0)
+    host, port = endpoint.host or default_host or "localhost", endpoint.port or 0
     if isinstance(loop, asyncio.BaseEventLoop):
         # asyncio's own loop races the addresses (Happy Eyeballs, RFC 8305).
-        await loop.create_connection(
-            factory,
-            host,
-            port,
-            happy_eyeballs_delay=happy_eyeballs_delay,
-            local_addr=local_addr,
-        )
+        await loop.create_connection(factory, host, port, happy_eyeballs_delay=happy_eyeballs_delay)
     else:  # uvloop has no Happy Eyeballs: it tries the addresses in turn.
-        await loop.create_connection(factory, host, port, local_addr=local_addr)
+        await loop.create_connection(factory, host, port)

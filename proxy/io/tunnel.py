@@ -537,17 +537,15 @@ class Tunnel:
                     lambda: conn,
                     endpoint,
                     happy_eyeballs_delay=t.happy_eyeballs_delay,
-                    bind_address=self.settings.bind_address,
+                    default_host=self.settings.bind_address,
                 )
         except (OSError, TimeoutError) as exc:
             ref = conn.ref
             assert ref is not None
+            if endpoint.host is None and endpoint.path is None and self.settings.bind_address:
+                endpoint = Endpoint(self.settings.bind_address, endpoint.port)
             log.warning(
-                "connection %s: cannot connect to %s%s: %s",
-                ref,
-                endpoint,
-                "" if self.settings.bind_address is None else f" from {self.settings.bind_address}",
-                str(exc) or "timed out",
+                "connection %s: cannot connect to %s: %s", ref, endpoint, str(exc) or "timed out"
             )
             conn.abort()
             if self.conns.get(ref) is conn:

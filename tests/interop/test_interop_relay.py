@@ -11,9 +11,6 @@ iotunnel as the destination, and iotunnel as the source with the reference as th
   uses; the reference's ``-c`` takes no file);
 - ``-b``: the source's listen address; in destination mode, the host of port-only mappings
   (what the reference does with it).
-
-Known failure, marked ``xfail(strict=True)``: our destination does not take ``-b`` as the host
-of port-only mappings.
 """
 
 from __future__ import annotations
@@ -224,19 +221,7 @@ def test_b_source_listens_on_the_bind_address(
     session(backends, ports["SSH1"], host=ALT)
 
 
-@pytest.mark.parametrize(
-    "implementation",
-    [
-        "reference",
-        pytest.param(
-            "ours",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="our destination connects a port-only mapping to localhost, not to -b",
-            ),
-        ),
-    ],
-)
+@pytest.mark.parametrize("implementation", ["reference", "ours"])
 def test_b_destination_connects_port_only_mappings_to_the_bind_address(
     stack: Stack,
     localproxy: LocalProxy,

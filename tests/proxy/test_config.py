@@ -1111,8 +1111,8 @@ def test_settings_json_reference_export(tmp_path: Path) -> None:
         read_chunk=32768,
         local_write_buffer=131076,
     )
-    # default_bind_address is where a source listens; a destination binds its outgoing
-    # connections only to an explicit -b (as the reference does).
+    # default_bind_address is where a source listens; a destination takes only an explicit
+    # -b as the host of its port-only mappings (as the reference does).
     assert settings.bind_address is None
     source = ok(["-r", "us-east-1", "-s", "5555", "--settings-json", "s.json"], tmp_path)
     assert source.bind_address == "localhost"

@@ -23,6 +23,7 @@ from proxy.io.local import LocalConnection
 from proxy.io.tunnel import EXIT_CONFIG, Tunnel
 from proxy.protocol.messages import Message, MessageType
 from testbed.fake_service import FakeService
+from testbed.harness import free_port
 
 T = MessageType
 TOKEN = "t" * 40
@@ -391,40 +392,54 @@ def test_destination_connection_is_reset_when_the_tunnel_is_lost() -> None:
 # ---------------------------------------------------------------------- -b in destination mode
 
 
-def test_destination_connects_from_the_bind_address() -> None:
+def test_destination_connects_port_only_mappings_to_the_bind_address() -> None:
+    """``-b`` in destination mode is the host of a port-only mapping, as the reference's."""
+
     async def test() -> None:
         local = LocalServer()
-        port = await local.start()
+        port = await local.start("127.0.0.2")
         async with FakeService(("SSH1",)) as fake:
-            s = settings(fake.url, "-d", f"SSH1=127.0.0.1:{port}", "-b", "127.0.0.2")
+            s = settings(fake.url, "-d", f"SSH1={port}", "-b", "127.0.0.2")
             async with running(s) as (_, _task, _):
                 await fake.connected.wait()
                 await fake.send(T.STREAM_START, 1, service_id="SSH1", connection_id=1)
                 _, writer = await local.next()
-                assert writer.get_extra_info("peername")[0] == "127.0.0.2"
+                assert writer.get_extra_info("sockname")[0] == "127.0.0.2"
                 writer.close()
         await local.close()
 
     run(test)
 
 
-def test_destination_bind_address_of_another_family_fails_that_connection_only() -> None:
-    if not socket.has_ipv6:  # pragma: no cover - depends on the machine
-        pytest.skip("no IPv6")
-
+def test_destination_bind_address_leaves_host_mappings_alone() -> None:
     async def test() -> None:
         local = LocalServer()
-        port = await local.start("::1")
+        port = await local.start()
         async with FakeService(("SSH1",)) as fake:
-            s = settings(fake.url, "-d", f"SSH1=[::1]:{port}", "-b", "127.0.0.1")
+            s = settings(fake.url, "-d", f"SSH1=127.0.0.1:{port}", "-b", "127.0.0.2")
+            async with running(s) as (_, task, _):
+                await fake.connected.wait()
+                await fake.send(T.STREAM_START, 1, service_id="SSH1", connection_id=1)
+                _, writer = await local.next()
+                assert writer.get_extra_info("sockname")[0] == "127.0.0.1"
+                writer.close()
+                assert not task.done()
+        await local.close()
+
+    run(test)
+
+
+def test_destination_unreachable_bind_host_fails_that_connection_only() -> None:
+    async def test() -> None:
+        async with FakeService(("SSH1",)) as fake:
+            s = settings(fake.url, "-d", f"SSH1={free_port()}", "-b", "127.0.0.3")
             async with running(s) as (_, task, log):
                 await fake.connected.wait()
                 await fake.send(T.STREAM_START, 1, service_id="SSH1", connection_id=1)
                 await expect(fake, T.CONNECTION_RESET, service_id="SSH1", connection_id=1)
                 line = await log.wait_for("cannot connect to")
-                assert "from 127.0.0.1" in line
+                assert "127.0.0.3:" in line
                 assert not task.done()
-        await local.close()
 
     run(test)
 
