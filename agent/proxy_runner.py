@@ -22,9 +22,10 @@ from pathlib import Path
 
 from agent.config import AgentSettings
 from agent.logs import parse_proxy_line, tagged
-from agent.notify import Notification
 from agent.systemd import ENV_VARIABLES
-from proxy.config import ENV_ACCESS_TOKEN, ENV_CLIENT_TOKEN, Secret
+from iotunnel.notify import Notification
+from iotunnel.secret import Secret
+from proxy.config import ENV_ACCESS_TOKEN, ENV_CLIENT_TOKEN
 
 __all__ = ["ProxyChild", "StreamCounter", "child_argv", "child_environment"]
 

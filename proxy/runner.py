@@ -14,6 +14,7 @@ import signal
 from collections.abc import Callable, Coroutine
 from typing import Any
 
+from iotunnel.exits import ExitCode
 from proxy.config import ProxySettings
 from proxy.io.memory import tune_allocator
 from proxy.io.tunnel import Tunnel
@@ -21,8 +22,7 @@ from proxy.logs import configure, register_secrets
 
 log = logging.getLogger("proxy")
 
-EXIT_INTERNAL = 1
-_SIGNAL_EXIT = {signal.SIGINT: 130, signal.SIGTERM: 143}
+_SIGNAL_EXIT = {signal.SIGINT: ExitCode.INTERRUPTED, signal.SIGTERM: ExitCode.TERMINATED}
 
 
 def run(settings: ProxySettings) -> int:
@@ -50,7 +50,7 @@ def run(settings: ProxySettings) -> int:
         return _event_loop_runner()(_main(settings))
     except Exception:
         log.exception("internal error")
-        return EXIT_INTERNAL
+        return ExitCode.INTERNAL
 
 
 def _event_loop_runner() -> Callable[[Coroutine[Any, Any, int]], int]:

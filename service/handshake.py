@@ -31,7 +31,8 @@ from dataclasses import dataclass, field
 from http import HTTPStatus
 from urllib.parse import parse_qs, urlsplit
 
-from service.registry import Claim, Mode, TunnelRegistry, digest
+from iotunnel.mode import Mode
+from service.registry import Claim, TunnelRegistry, digest
 
 #: The subprotocols the service speaks, best first, with their protocol version.
 SUBPROTOCOLS: dict[str, int] = {

@@ -18,8 +18,9 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import InvalidHandshake, InvalidStatus, InvalidURI
 from websockets.typing import Subprotocol
 
-from proxy import __version__
-from proxy.errors import ConfigError, ConnectFailed, HandshakeRefused
+from iotunnel import __version__
+from iotunnel.errors import ConfigError
+from proxy.errors import ConnectFailed, HandshakeRefused
 from proxy.io.sockets import tune_transport
 from proxy.protocol.framing import MAX_WS_MESSAGE
 from proxy.tls import CAError, ssl_context

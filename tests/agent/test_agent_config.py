@@ -14,16 +14,9 @@ import pytest
 from agent_files import DeviceFiles
 
 from agent import cli
-from agent.config import (
-    DEFAULT_CONFIG,
-    KEYS,
-    AgentSettings,
-    CheckOnly,
-    CliExit,
-    ConfigError,
-    load,
-)
+from agent.config import DEFAULT_CONFIG, KEYS, AgentSettings, CheckOnly, CliExit, load
 from bench.pki import PKI
+from iotunnel.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[2]
 

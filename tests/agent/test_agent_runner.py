@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 
 from agent.config import AgentSettings
-from agent.notify import Notification
 from agent.proxy_runner import ProxyChild, StreamCounter, child_argv, child_environment
-from proxy.config import Secret
+from iotunnel.notify import Notification
+from iotunnel.secret import Secret
 
 TOKEN = Secret("destination-token-value")
 CLIENT = Secret("c" * 64)

@@ -12,13 +12,14 @@ from pathlib import Path
 import pytest
 
 from bench.pki import PKI
-from proxy import __version__
+from iotunnel import __version__
+from iotunnel.errors import ConfigError
+from iotunnel.mode import Mode
+from iotunnel.secret import Secret
 from proxy.config import (
     CliExit,
     Endpoint,
-    Mode,
     ProxySettings,
-    Secret,
     ServiceMapping,
     Tuning,
     default_settings_json,
@@ -28,7 +29,6 @@ from proxy.config import (
     read_mapping_dir,
     read_mapping_file,
 )
-from proxy.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[2]
 TOKEN = "AQGAAXiNsecretTOKENvalue/with+base64=chars"

@@ -17,9 +17,10 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import InvalidStatus
 
 from bench.pki import PKI
+from iotunnel.mode import Mode
 from proxy.protocol.framing import Decoder, encode
 from proxy.protocol.messages import Message
-from service.registry import Mode, TunnelRegistry
+from service.registry import TunnelRegistry
 from service.server import TunnelService
 
 V1 = "aws.iot.securetunneling-1.0"

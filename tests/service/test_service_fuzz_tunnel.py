@@ -31,11 +31,11 @@ from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed
 
 from bench.pki import PKI
+from iotunnel.mode import Mode
 from proxy.protocol.errors import RemoteProtocolError
 from proxy.protocol.framing import MAX_WS_MESSAGE, Decoder, encode
 from proxy.protocol.messages import MAX_PAYLOAD, Message
 from proxy.protocol.messages import MessageType as T
-from service.registry import Mode
 
 settings.register_profile(
     "iotunnel-service-tunnel",
