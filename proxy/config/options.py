@@ -106,9 +106,7 @@ _OPTIONS = (
 )
 
 _OPTIONS_BY_NAME = {option.name: option for option in _OPTIONS}
-
 _CLI_ONLY = frozenset({"config", "export-default-settings", "help", "version"})
-
 _ENVIRONMENT = {
     ENV_REGION: "region",
     ENV_ENDPOINT: "proxy-endpoint",
@@ -117,7 +115,6 @@ _ENVIRONMENT = {
 }
 
 _TRUE = frozenset({"1", "true", "yes", "on"})
-
 _FALSE = frozenset({"0", "false", "no", "off"})
 
 

@@ -51,13 +51,9 @@ _REFERENCE_IGNORED = frozenset(
 )
 
 _KEY_BIND_ADDRESS = "tunneling.proxy.default_bind_address"
-
 _KEY_ENDPOINT_FORMAT = "tunneling.proxy.endpoint_format"
-
 _KEY_REGION_OVERRIDE = "tunneling.proxy.region_endpoint_overrides."
-
 _KEY_SUBPROTOCOL = "tunneling.proxy.websocket.subprotocol"
-
 _SUBPROTOCOL = "aws.iot.securetunneling-3.0"
 
 

@@ -90,7 +90,8 @@ def test_file_list(debs: dict[str, Path], arch: str) -> None:
     paths = list(entries)
     assert not [p for p in paths if "__pycache__" in p or p.endswith(".pyc")]
     assert not [p for p in paths if p.startswith((LIB + "bench/", LIB + "service/", LIB + "bin/"))]
-    for package in ("iotunnel/", "agent/", "proxy/", "proxy/protocol/_pb/", "awscrt/", "awsiot/", "websockets/"):
+    vendored = ("awscrt/", "awsiot/", "websockets/")
+    for package in ("iotunnel/", "agent/", "proxy/", "proxy/protocol/_pb/", *vendored):
         assert LIB + package in entries
     for name, version in locked().items():
         assert f"{LIB}{name}-{version}.dist-info/" in entries
