@@ -35,6 +35,16 @@ def test_a_proxy_exit_code_is_an_exit_code() -> None:
     assert done.stderr == "iotunnel-proxy: error: unrecognized option '--no-such-flag'\n"
 
 
+def test_the_protocol_core_imports_only_pure_shared_modules() -> None:
+    code = (
+        "import sys, proxy.protocol.session, proxy.protocol.framing;"
+        "print(' '.join(sorted(m for m in sys.modules if m.split('.')[0] in "
+        "{'iotunnel', 'asyncio', 'socket', 'ssl', 'websockets', 'logging'})))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.split() == ["iotunnel", "iotunnel.errors", "iotunnel.mode", "iotunnel.rules"]
+
+
 def test_mode_is_one_type_for_every_part() -> None:
     assert Mode("source").other is Mode.DESTINATION
     assert Mode.DESTINATION.other is Mode.SOURCE
