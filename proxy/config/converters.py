@@ -11,6 +11,7 @@ from typing import NoReturn
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 from iotunnel.errors import ConfigError
+from iotunnel.handshake import MODE_QUERY
 from iotunnel.mode import Mode
 from iotunnel.rules import (
     CLIENT_TOKEN_RE,
@@ -19,7 +20,7 @@ from iotunnel.rules import (
     tunnel_host,
 )
 from iotunnel.secret import Secret
-from proxy.config.model import _LEVEL_RE, _MAX_VERBOSITY, _MODE_QUERY
+from proxy.config.model import _LEVEL_RE, _MAX_VERBOSITY
 from proxy.config.options import _FALSE, _TRUE, _Given
 from proxy.config.settings_json import _FileSettings
 from proxy.config.values import _check_host, _Invalid, _port, _split_host_port
@@ -103,7 +104,7 @@ def _service_url(text: str, mode: Mode) -> str:
     if "://" not in text:
         host, port = _split_host_port(text.lower())
         number = 443 if port is None else _port(port, allow_zero=False)
-        query = urlencode({_MODE_QUERY: mode.value})
+        query = urlencode({MODE_QUERY: mode.value})
         return f"wss://{_netloc(host, number)}/tunnel?{query}"
     try:
         parts = urlsplit(text)
@@ -124,10 +125,10 @@ def _service_url(text: str, mode: Mode) -> str:
     path = parts.path if parts.path not in ("", "/") else "/tunnel"
     params = parse_qsl(parts.query, keep_blank_values=True)
     for key, value in params:
-        if key == _MODE_QUERY and value != mode.value:
-            raise _Invalid(f"the URL asks for {_MODE_QUERY}={value}, but the mode is {mode.value}")
-    params = [(key, value) for key, value in params if key != _MODE_QUERY]
-    params.append((_MODE_QUERY, mode.value))
+        if key == MODE_QUERY and value != mode.value:
+            raise _Invalid(f"the URL asks for {MODE_QUERY}={value}, but the mode is {mode.value}")
+    params = [(key, value) for key, value in params if key != MODE_QUERY]
+    params.append((MODE_QUERY, mode.value))
     return urlunsplit((scheme, _netloc(host, number), path, urlencode(params), ""))
 
 

@@ -33,7 +33,6 @@ _LEVEL_RE = re.compile(r"[0-9]{1,3}")
 # What an option-file key must look like to be quoted in an error: shorter than any client token,
 # so that a token pasted on a line of its own is never echoed.
 _OPTION_NAME_RE = re.compile(r"[A-Za-z][A-Za-z0-9_-]{0,30}")
-_MODE_QUERY = "local-proxy-mode"
 _SUN_PATH_MAX = 107  # sockaddr_un.sun_path is 108 bytes, NUL included
 _MAX_VERBOSITY = 6
 _DEFAULT_VERBOSITY = 4

@@ -14,6 +14,7 @@ from typing import Any, NamedTuple, NoReturn
 
 from iotunnel import boundedjson
 from iotunnel.errors import ConfigError
+from iotunnel.handshake import V3_SUBPROTOCOL
 from proxy.config.files import read_config_text
 from proxy.config.model import _TUNING_RANGES, Tuning, _brief, _key
 from proxy.config.values import _bind_address, _Invalid, _port, _split_host_port
@@ -54,7 +55,7 @@ _KEY_BIND_ADDRESS = "tunneling.proxy.default_bind_address"
 _KEY_ENDPOINT_FORMAT = "tunneling.proxy.endpoint_format"
 _KEY_REGION_OVERRIDE = "tunneling.proxy.region_endpoint_overrides."
 _KEY_SUBPROTOCOL = "tunneling.proxy.websocket.subprotocol"
-_SUBPROTOCOL = "aws.iot.securetunneling-3.0"
+_SUBPROTOCOL = V3_SUBPROTOCOL
 
 
 @dataclass(frozen=True, slots=True)
