@@ -23,6 +23,7 @@ from pathlib import Path
 from agent.config import AgentSettings
 from agent.logs import parse_proxy_line, tagged
 from agent.systemd import ENV_VARIABLES
+from iotunnel.exits import ExitCode
 from iotunnel.notify import Notification
 from iotunnel.secret import Secret
 from proxy.config import ENV_ACCESS_TOKEN, ENV_CLIENT_TOKEN
@@ -147,7 +148,7 @@ class ProxyChild:
             )
         except OSError as exc:
             log.error("cannot start the proxy: %s", exc, extra=tagged(self.tag))
-            return 1, 0.0
+            return ExitCode.INTERNAL, 0.0  # restarted like a crash
         log.info("started a destination proxy, pid %d", self._process.pid, extra=tagged(self.tag))
         if self._stop_requested:
             self.stop()
