@@ -55,7 +55,7 @@ lint: venv
 	$(BIN)/ruff format --check proxy/protocol
 
 typecheck: venv
-	$(BIN)/mypy proxy service agent testbed demo bench packaging
+	$(BIN)/mypy iotunnel proxy service agent testbed demo bench packaging
 
 unit: venv
 	$(BIN)/pytest -q -m "not e2e"

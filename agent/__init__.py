@@ -3,11 +3,12 @@
 It keeps one MQTT connection to AWS IoT Core (or any broker with client certificates), listens on
 ``$aws/things/<thing>/tunnels/notify``, and runs one destination-mode proxy process per tunnel.
 
+The notification's topic and payload (parsed into a Notification, or a Rejection that says
+why) are :mod:`iotunnel.notify`'s, shared with the service that builds them.
+
 Modules, pure first::
 
     config       agent.ini + IOTUNNEL_* + flags -> AgentSettings (ConfigError -> exit 2)
-    topics       topic names and thing-name rules
-    notify       MQTT payload -> Notification, or a Rejection that says why
     supervisor   pure policy: notifications and child exits in, start/stop/restart actions out
     logs         journald-style one-line records, tunnel tags, secret redaction
     systemd      sd_notify client: READY/STATUS/WATCHDOG/STOPPING; no-op off systemd

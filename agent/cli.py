@@ -12,13 +12,12 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from agent.config import PROG, CheckOnly, CliExit, ConfigError, check_tls_files, load, summary
+from agent.config import PROG, CheckOnly, CliExit, check_tls_files, load, summary
 from agent.logs import configure
 from agent.systemd import Notifier
-
-EXIT_INTERNAL = 1
-EXIT_CONFIG = 2
-EXIT_INTERRUPTED = 130
+from iotunnel.cli import fail
+from iotunnel.errors import ConfigError
+from iotunnel.exits import ExitCode
 
 log = logging.getLogger("agent")
 
@@ -40,9 +39,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not isinstance(loaded, CliExit):
             check_tls_files(loaded.settings if isinstance(loaded, CheckOnly) else loaded)
     except ConfigError as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
         notifier.close()
-        return EXIT_CONFIG
+        return fail(PROG, exc)
     if isinstance(loaded, CliExit):
         sys.stdout.write(loaded.output)
         notifier.close()
@@ -54,9 +52,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     settings = loaded.settings if isinstance(loaded, CheckOnly) else loaded
     problem = tls_problem(settings)
     if problem is not None:
-        print(f"{PROG}: error: {problem}", file=sys.stderr)
         notifier.close()
-        return EXIT_CONFIG
+        return fail(PROG, problem)
     if isinstance(loaded, CheckOnly):
         sys.stdout.write(summary(settings))
         notifier.close()
@@ -68,10 +65,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return run(settings, notifier, environ, redactor)
     except KeyboardInterrupt:  # Ctrl-C before the loop took over SIGINT
-        return EXIT_INTERRUPTED
+        return ExitCode.INTERRUPTED
     except Exception:
         log.exception("internal error")
-        return EXIT_INTERNAL
+        return ExitCode.INTERNAL
 
 
 if __name__ == "__main__":

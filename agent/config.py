@@ -27,11 +27,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple, NoReturn, TypeVar
 
-from agent.topics import THING_NAME_RE, notify_topic
-from proxy import __version__
+from iotunnel import __version__
+from iotunnel.cli import Parser
+from iotunnel.errors import ConfigError
+from iotunnel.mode import Mode
+from iotunnel.notify import notify_topic
+from iotunnel.rules import HOST_RE, THING_NAME_RE
 from proxy import config as proxy_config
-from proxy.config import Mode, read_config_text, read_mapping_dir
-from proxy.errors import ConfigError as ProxyConfigError
+from proxy.config import read_config_text, read_mapping_dir
 
 __all__ = [
     "DEFAULT_CONFIG",
@@ -42,7 +45,6 @@ __all__ = [
     "AgentSettings",
     "CheckOnly",
     "CliExit",
-    "ConfigError",
     "check_tls_files",
     "load",
     "summary",
@@ -57,7 +59,6 @@ ENV_CONFIG = "IOTUNNEL_CONFIG"
 ENV_PREFIX = "IOTUNNEL_"
 SECTION = "agent"
 
-_HOST_RE = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_.-]*[A-Za-z0-9_])?")
 _CLIENT_ID_RE = re.compile(r"[\x21-\x7e]{1,128}")
 _T = TypeVar("_T")
 _LEVELS = {
@@ -66,10 +67,6 @@ _LEVELS = {
     "warning": logging.WARNING,
     "error": logging.ERROR,
 }
-
-
-class ConfigError(Exception):
-    """A bad setting; the one-line message names the key and where it was set."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -183,7 +180,7 @@ def _host(given: _Given) -> str:
     try:
         ipaddress.ip_address(text)
     except ValueError:
-        if not _HOST_RE.fullmatch(text):
+        if not HOST_RE.fullmatch(text):
             _fail(given, "not a host name or IP address")
     return text
 
@@ -239,7 +236,7 @@ def _mapping_dir(given: _Given) -> Path:
         _fail(given, "not a directory")
     try:
         mappings = read_mapping_dir(path, mode=Mode.DESTINATION)
-    except ProxyConfigError as exc:
+    except ConfigError as exc:
         raise ConfigError(f"{given.origin}: {exc}") from None
     if not mappings:
         _fail(given, "no 'SERVICE_ID = endpoint' line in any file")
@@ -252,7 +249,7 @@ def _tunnel_endpoint(given: _Given) -> str:
     argv = ["-m", "dst", "-e", text, "-d", "1"]
     try:
         proxy_config.load(argv, {proxy_config.ENV_ACCESS_TOKEN: "check"}, Path("/"))
-    except ProxyConfigError as exc:
+    except ConfigError as exc:
         problem = str(exc).removeprefix("-e: ").removeprefix(f"{text!r}: ")
         _fail(given, problem)
     return text
@@ -275,19 +272,8 @@ def _log_level(given: _Given) -> int:
 # --------------------------------------------------------------------------- sources
 
 
-class _UsageError(Exception):
-    """A bad command line."""
-
-
-class _Parser(argparse.ArgumentParser):
-    """Reports errors through :class:`ConfigError` instead of exiting."""
-
-    def error(self, message: str) -> NoReturn:
-        raise _UsageError(message)
-
-
-def _build_parser() -> _Parser:
-    parser = _Parser(
+def _build_parser() -> Parser:
+    parser = Parser(
         prog=PROG,
         add_help=False,
         description=(
@@ -334,10 +320,7 @@ def _section_lines(lines: Sequence[str]) -> dict[tuple[str, str], int]:
 
 def _read_file(path: Path, display: str) -> dict[str, _Given]:
     """Read the ``[agent]`` section of a settings file; unknown sections and keys are errors."""
-    try:
-        text = read_config_text(path, display)
-    except ProxyConfigError as exc:
-        raise ConfigError(str(exc)) from None
+    text = read_config_text(path, display)
     lines = text.splitlines()
     parser = configparser.ConfigParser(
         delimiters=("=",),
@@ -520,10 +503,7 @@ def load(
     """
     base = Path.cwd() if cwd is None else cwd
     parser = _build_parser()
-    try:
-        namespace = parser.parse_args(list(argv))
-    except _UsageError as exc:
-        raise ConfigError(str(exc)) from None
+    namespace = parser.parse_args(list(argv))  # a bad one raises UsageError, a ConfigError
     if namespace.help:
         return CliExit(0, parser.format_help())
     if namespace.version:

@@ -21,7 +21,6 @@ from collections.abc import Mapping
 from agent.config import AgentSettings
 from agent.logs import Redactor, tagged
 from agent.mqtt import Connected, ConnectFailed, Disconnected, Message, MqttLink
-from agent.notify import Notification, Rejection, parse
 from agent.proxy_runner import ProxyChild, child_argv, child_environment
 from agent.supervisor import (
     Action,
@@ -33,8 +32,10 @@ from agent.supervisor import (
     Supervisor,
 )
 from agent.systemd import Notifier, watchdog_pings
-from proxy.config import Mode, read_mapping_dir
-from proxy.errors import ConfigError as ProxyConfigError
+from iotunnel.errors import ConfigError
+from iotunnel.mode import Mode
+from iotunnel.notify import Notification, Rejection, parse
+from proxy.config import read_mapping_dir
 
 __all__ = ["Agent", "run"]
 
@@ -192,7 +193,7 @@ class Agent:
         directory = str(self.settings.mapping_dir)
         try:
             mappings = read_mapping_dir(self.settings.mapping_dir, mode=Mode.DESTINATION)
-        except ProxyConfigError as exc:
+        except ConfigError as exc:
             log.error("notification rejected: cannot read the service mappings: %s", exc)
             return
         result = parse(payload, {m.service_id for m in mappings}, mapping_dir=directory)

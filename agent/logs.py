@@ -16,7 +16,7 @@ import logging
 import re
 from typing import Any, TextIO
 
-from proxy.logs import redact
+from iotunnel.logs import install, one_line, redact
 
 __all__ = [
     "JournalFormatter",
@@ -48,10 +48,6 @@ def priority(level: int) -> int:
     return 7
 
 
-def _one_line(text: str) -> str:
-    return text.replace("\r", "\\r").replace("\n", "\\n")
-
-
 class JournalFormatter(logging.Formatter):
     """``<priority>[tag] message``, on one line."""
 
@@ -63,7 +59,7 @@ class JournalFormatter(logging.Formatter):
         if record.exc_text:
             text = f"{text} | {record.exc_text}"
         tag = getattr(record, TAG, None)
-        return _one_line(f"[{tag}] {text}" if tag else text)
+        return one_line(f"[{tag}] {text}" if tag else text)
 
     def format(self, record: logging.LogRecord) -> str:
         return f"<{priority(record.levelno)}>{self.body(record)}"
@@ -100,18 +96,6 @@ class Redactor(logging.Filter):
         if self._secrets:
             redact(record, list(self._secrets))
         return True
-        text = record.getMessage()
-        redacted = text
-        for secret in self._secrets:
-            redacted = redacted.replace(secret, "[secure]")
-        if redacted != text:
-            record.msg, record.args = redacted, None
-        if record.exc_info:
-            exc_text = logging.Formatter().formatException(record.exc_info)
-            for secret in self._secrets:
-                exc_text = exc_text.replace(secret, "[secure]")
-            record.exc_info, record.exc_text = None, exc_text
-        return True
 
 
 def parse_proxy_line(line: str) -> tuple[int | None, str]:
@@ -141,12 +125,7 @@ def configure(level: int, stream: TextIO, *, journal: bool) -> Redactor:
     handler.setFormatter(JournalFormatter() if journal else TextFormatter())
     redactor = Redactor()
     handler.addFilter(redactor)
-    root = logging.getLogger()
-    for old in list(root.handlers):
-        root.removeHandler(old)
-    root.addHandler(handler)
-    root.setLevel(level)
-    logging.getLogger("asyncio").setLevel(max(level, logging.INFO))
+    install(handler, level)
     return redactor
 
 

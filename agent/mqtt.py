@@ -25,6 +25,7 @@ from awscrt import io, mqtt5
 from awsiot import mqtt5_client_builder
 
 from agent.config import AgentSettings
+from iotunnel.rules import is_aws_host
 
 __all__ = [
     "ConnectFailed",
@@ -33,7 +34,6 @@ __all__ = [
     "Message",
     "MqttEvent",
     "MqttLink",
-    "is_aws_endpoint",
     "tls_problem",
 ]
 
@@ -83,11 +83,6 @@ class Message:
 
 
 MqttEvent = Connected | ConnectFailed | Disconnected | Message
-
-
-def is_aws_endpoint(host: str) -> bool:
-    """Whether ``host`` is AWS IoT Core (the only broker the SDK's metrics are meant for)."""
-    return host.lower().endswith((".amazonaws.com", ".amazonaws.com.cn"))
 
 
 def _reason(exception: BaseException | None) -> str:
@@ -155,7 +150,8 @@ class MqttLink:
             max_reconnect_delay_ms=MAX_RECONNECT_MS,
             ack_timeout_sec=ACK_TIMEOUT,
             retry_jitter_mode=mqtt5.ExponentialBackoffJitterMode.FULL,
-            enable_metrics_collection=is_aws_endpoint(s.endpoint),
+            # the SDK's metrics are meant for AWS IoT Core only
+            enable_metrics_collection=is_aws_host(s.endpoint),
             on_publish_received=self._on_publish,
             on_lifecycle_connection_success=self._on_success,
             on_lifecycle_connection_failure=self._on_failure,

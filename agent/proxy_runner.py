@@ -26,9 +26,11 @@ from pathlib import Path
 
 from agent.config import AgentSettings
 from agent.logs import parse_proxy_line, tagged
-from agent.notify import Notification
 from agent.systemd import ENV_VARIABLES
-from proxy.config import ENV_ACCESS_TOKEN, ENV_CLIENT_TOKEN, Secret
+from iotunnel.exits import ExitCode
+from iotunnel.notify import Notification
+from iotunnel.secret import Secret
+from proxy.config import ENV_ACCESS_TOKEN, ENV_CLIENT_TOKEN
 from proxy.status import (
     ENV_STATUS_FD,
     Closed,
@@ -262,7 +264,7 @@ class ProxyChild:
         except OSError as exc:
             os.close(read_end)
             log.error("cannot start the proxy: %s", exc, extra=tagged(self.tag))
-            return 1, 0.0
+            return ExitCode.INTERNAL, 0.0  # restarted like a crash
         finally:
             os.close(write_end)  # the child's copy is the only one: its exit ends the pipe
         log.info("started a destination proxy, pid %d", self._process.pid, extra=tagged(self.tag))

@@ -40,13 +40,11 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from agent.notify import Notification
-from proxy.config import Secret
+from iotunnel.exits import ExitCode
+from iotunnel.notify import Notification
+from iotunnel.secret import Secret
 
 __all__ = [
-    "EXIT_CLOSED",
-    "EXIT_CONFIG",
-    "EXIT_REFUSED",
     "Action",
     "CancelRestart",
     "Log",
@@ -58,14 +56,11 @@ __all__ = [
     "describe_exit",
 ]
 
-EXIT_CLOSED = 0  #: the service closed the tunnel
-EXIT_CONFIG = 2  #: the proxy's configuration does not fit the tunnel
-EXIT_REFUSED = 3  #: the service refused the handshake
-
-_FINAL_EXITS = {
-    EXIT_CLOSED: (logging.INFO, "the tunnel was closed by the service"),
-    EXIT_REFUSED: (logging.WARNING, "the tunnel service refused the token"),
-    EXIT_CONFIG: (logging.ERROR, "the proxy cannot serve this tunnel with the local mappings"),
+#: The proxy's exits after which a restart cannot help, and what they mean for the tunnel.
+_FINAL_EXITS: dict[int, tuple[int, str]] = {
+    ExitCode.CLOSED: (logging.INFO, "the tunnel was closed by the service"),
+    ExitCode.REFUSED: (logging.WARNING, "the tunnel service refused the token"),
+    ExitCode.CONFIG: (logging.ERROR, "the proxy cannot serve this tunnel with the local mappings"),
 }
 
 

@@ -32,6 +32,7 @@ from typing import Any
 
 from websockets.typing import Subprotocol
 
+from iotunnel.exits import ExitCode
 from proxy.io.memory import TRIM_DELAY, TRIM_INTERVAL
 from testbed.awsapi import ApiService, boto3_client, start_api_service
 from testbed.awsapi import write_credentials as write_creds
@@ -40,7 +41,6 @@ from testbed.harness import Proc, Stack, rss_kib
 from testbed.pki import PKI
 
 #: Exit status of a proxy whose tunnel was closed (normal end).
-EXIT_CLOSED = 0
 
 
 def open_fds(pid: int) -> int:
@@ -140,8 +140,8 @@ def tunnel_churn(
             client.close_tunnel(tunnelId=tunnel_id)
             codes = [dst.wait(60), src.proc.wait(60)]
             with lock:
-                clean += sum(code == EXIT_CLOSED for code in codes)
-                if any(code != EXIT_CLOSED for code in codes):
+                clean += sum(code == ExitCode.CLOSED for code in codes)
+                if any(code != ExitCode.CLOSED for code in codes):
                     failures.append(f"tunnel {index}: proxies exited with {codes}")
             # exited: forget them, so that the stack does not grow with every tunnel
             for proc in (dst, src.proc):

@@ -4,7 +4,7 @@
 For each architecture (amd64 and arm64 by default) this stages a root tree and packs it with
 ``dpkg-deb --build --root-owner-group``:
 
-    /opt/iotunnel/lib/             iotunnel (agent, proxy) and its pinned dependencies, installed
+    /opt/iotunnel/lib/             iotunnel, agent, proxy and their pinned dependencies, installed
                                    from wheels for that architecture (packaging/requirements.lock)
     /opt/iotunnel/bin/NAME         the entry points: #!/usr/bin/python3 -I, lib/ first on sys.path
     /usr/bin/NAME                  -> /opt/iotunnel/bin/NAME
@@ -117,10 +117,10 @@ def run(argv: Sequence[str], **kwargs: object) -> subprocess.CompletedProcess[st
 
 
 def project_version() -> str:
-    text = (ROOT / "proxy" / "__init__.py").read_text()
+    text = (ROOT / "iotunnel" / "__init__.py").read_text()
     match = re.search(r'^__version__ = "([^"]+)"', text, re.MULTILINE)
     if match is None:
-        raise BuildError("no __version__ in proxy/__init__.py")
+        raise BuildError("no __version__ in iotunnel/__init__.py")
     return match.group(1)
 
 
@@ -758,7 +758,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         type=Path,
         help="locally built wheels for what PyPI has no wheel of (armhf: awscrt)",
     )
-    parser.add_argument("--version", help="package version (default: proxy.__version__)")
+    parser.add_argument("--version", help="package version (default: iotunnel.__version__)")
     args = parser.parse_args(argv)
     try:
         built = build(

@@ -11,11 +11,10 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from iotunnel.cli import fail
+from iotunnel.errors import ConfigError
+from iotunnel.exits import ExitCode
 from proxy.config import PROG, CliExit, load
-from proxy.errors import ConfigError
-
-EXIT_CONFIG = 2
-EXIT_INTERRUPTED = 130
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -39,10 +38,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return run(loaded)
     except ConfigError as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
-        return EXIT_CONFIG
+        return fail(PROG, exc)
     except KeyboardInterrupt:
-        return EXIT_INTERRUPTED
+        return ExitCode.INTERRUPTED
 
 
 if __name__ == "__main__":

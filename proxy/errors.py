@@ -2,15 +2,16 @@
 
 ::
 
-    TunnelError
-     +-- ProtocolError                   (proxy.protocol.errors)
-     |    +-- LocalProtocolError
-     |    +-- RemoteProtocolError
+    IotunnelError                        (iotunnel.errors)
      +-- ConfigError                     bad flag, file line, variable or setting  -> exit 2
-     +-- TransportError                  the network failed us
-          +-- HandshakeRefused           the service answered the upgrade with 4xx or a redirect
-          |                              -> do not retry (exit 3)
-          +-- ConnectFailed              TCP/TLS/proxy connect failed              -> retry
+     +-- TunnelError                     (proxy.protocol.errors)
+          +-- ProtocolError
+          |    +-- LocalProtocolError
+          |    +-- RemoteProtocolError
+          +-- TransportError                  the network failed us
+               +-- HandshakeRefused      the service answered the upgrade with 4xx or a redirect
+               |                         -> do not retry (exit 3)
+               +-- ConnectFailed         TCP/TLS/proxy connect failed              -> retry
 
 Third-party exceptions (OSError, ssl, websockets) are mapped onto this tree only in
 ``proxy/io``. Messages never contain tokens or keys.
@@ -26,7 +27,6 @@ from proxy.protocol.errors import (
 )
 
 __all__ = [
-    "ConfigError",
     "ConnectFailed",
     "HandshakeRefused",
     "LocalProtocolError",
@@ -35,10 +35,6 @@ __all__ = [
     "TransportError",
     "TunnelError",
 ]
-
-
-class ConfigError(TunnelError):
-    """A configuration problem; the message names the flag, file:line, variable or key."""
 
 
 class TransportError(TunnelError):

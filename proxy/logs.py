@@ -11,6 +11,8 @@ import sys
 from collections.abc import Iterable
 from typing import Any, ClassVar
 
+from iotunnel.logs import install, redact
+
 TRACE = 5
 logging.addLevelName(TRACE, "TRACE")
 
@@ -23,23 +25,6 @@ _LEVELS = {
     5: logging.DEBUG,
     6: TRACE,
 }
-
-
-def redact(record: logging.LogRecord, secrets: Iterable[str]) -> None:
-    """Replace each of ``secrets`` with ``[secure]`` in ``record``'s message and exception."""
-    text = record.getMessage()
-    redacted = text
-    for secret in secrets:
-        if secret and secret in redacted:
-            redacted = redacted.replace(secret, "[secure]")
-    if redacted is not text:
-        record.msg, record.args = redacted, None
-    if record.exc_info and record.exc_info[1] is not None:
-        exc_text = logging.Formatter().formatException(record.exc_info)
-        for secret in secrets:
-            if secret:
-                exc_text = exc_text.replace(secret, "[secure]")
-        record.exc_info, record.exc_text = None, exc_text
 
 
 class RedactingFilter(logging.Filter):
@@ -64,16 +49,9 @@ def register_secrets(values: Iterable[str]) -> None:
 
 def configure(verbosity: int, *, stream: Any = None, fmt: str | None = None) -> None:
     """Send log records to stderr (journald when run under systemd), one line each."""
-    level = _LEVELS.get(verbosity, logging.INFO)
     handler = logging.StreamHandler(stream or sys.stderr)
     handler.setFormatter(
         logging.Formatter(fmt or "%(asctime)s %(levelname)s %(name)s: %(message)s")
     )
     handler.addFilter(RedactingFilter())
-    root = logging.getLogger()
-    for old in list(root.handlers):
-        root.removeHandler(old)
-    root.addHandler(handler)
-    root.setLevel(level)
-    # The websockets library logs raw handshake headers (our token among them) at debug level.
-    logging.getLogger("websockets").setLevel(max(level, logging.INFO))
+    install(handler, _LEVELS.get(verbosity, logging.INFO))

@@ -14,6 +14,7 @@ import signal
 from collections.abc import Callable, Coroutine
 from typing import Any
 
+from iotunnel.exits import ExitCode
 from proxy.config import ProxySettings
 from proxy.io.memory import tune_allocator
 from proxy.io.tunnel import Tunnel
@@ -22,8 +23,7 @@ from proxy.status import Exited, StatusWriter
 
 log = logging.getLogger("proxy")
 
-EXIT_INTERNAL = 1
-_SIGNAL_EXIT = {signal.SIGINT: 130, signal.SIGTERM: 143}
+_SIGNAL_EXIT = {signal.SIGINT: ExitCode.INTERRUPTED, signal.SIGTERM: ExitCode.TERMINATED}
 
 
 def run(settings: ProxySettings) -> int:
@@ -55,7 +55,7 @@ def run(settings: ProxySettings) -> int:
         code = _event_loop_runner()(_main(settings, status, why))
     except Exception:
         log.exception("internal error")
-        code, why[:] = EXIT_INTERNAL, ["internal error"]
+        code, why[:] = ExitCode.INTERNAL, ["internal error"]
     status.emit(Exited(code, why[0] if why else f"exit code {code}"))
     status.close()
     return code

@@ -39,7 +39,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from proxy.boundedjson import JSONInputError, loads
+from iotunnel.boundedjson import JSONInputError, loads
 
 __all__ = [
     "ENV_STATUS_FD",

@@ -30,10 +30,12 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from proxy import boundedjson
+from iotunnel import boundedjson
+from iotunnel.mode import Mode
+from iotunnel.rules import NAME_MAX, NAME_RE
 from service.control import ApiError, ControlPlane, InvalidRequest
 from service.http import HttpRequest, HttpResponse
-from service.registry import TUNNEL_ID_RE, ConnectionState, Mode, Tunnel
+from service.registry import TUNNEL_ID_RE, ConnectionState, Tunnel
 from service.sigv4 import SigV4Verifier
 
 log = logging.getLogger(__name__)
@@ -45,7 +47,7 @@ MAX_BODY = 256 * 1024
 #: Deepest nesting of a request body (the deepest valid one, tags, has 3 levels).
 MAX_DEPTH = 8
 
-THING_NAME_RE = re.compile(r"[a-zA-Z0-9:_-]+")
+THING_NAME_RE = NAME_RE  # and at most NAME_MAX characters, checked apart
 NEXT_TOKEN_RE = re.compile(r"[a-zA-Z0-9_=-]{1,4096}")
 _TAG_EXTRA = frozenset("_.:/=+-@")
 
@@ -247,7 +249,7 @@ class ManagementApi:
         return {"tunnel": self._describe(tunnel)}
 
     async def list_tunnels(self, params: Json) -> Json:
-        thing_name = _string(params, "thingName", pattern=THING_NAME_RE, max_length=128)
+        thing_name = _string(params, "thingName", pattern=THING_NAME_RE, max_length=NAME_MAX)
         max_results = _integer(params, "maxResults", minimum=1, maximum=100)
         next_token = _string(params, "nextToken", pattern=NEXT_TOKEN_RE)
         tunnels, token = self.control.list_tunnels(
@@ -459,7 +461,7 @@ def _destination_config(config: Json) -> tuple[list[str], str | None]:
     """``services`` (shape-checked; the service id rule is the control plane's) and
     ``thingName`` of a destinationConfig."""
     thing_name = _string(
-        config, "thingName", "destinationConfig.", pattern=THING_NAME_RE, max_length=128
+        config, "thingName", "destinationConfig.", pattern=THING_NAME_RE, max_length=NAME_MAX
     )
     services = _list(config, "services", "destinationConfig.", required=True, min_items=1)
     assert services is not None

@@ -16,7 +16,7 @@ The tunnels file (see ``config/service.example.json``)::
 
 Every error is a :class:`ConfigError` whose one-line message names the file and the field, and
 never contains a token; the tunnels file's name the flag too (``--tunnels FILE: ...``). The
-tunnels file is read through :mod:`proxy.boundedjson`: over ``MAX_TUNNELS_FILE`` bytes (checked
+tunnels file is read through :mod:`iotunnel.boundedjson`: over ``MAX_TUNNELS_FILE`` bytes (checked
 before reading) or nested deeper than ``MAX_TUNNELS_DEPTH`` levels, it is refused in one line.
 """
 
@@ -29,7 +29,8 @@ import stat
 from pathlib import Path
 from typing import Any
 
-from proxy import boundedjson
+from iotunnel import boundedjson
+from iotunnel.errors import ConfigError
 from service.registry import InvalidTunnel, TunnelRegistry
 
 log = logging.getLogger(__name__)
@@ -39,10 +40,6 @@ _TUNNEL_FIELDS = ("tunnelId", "services", "sourceAccessToken", "destinationAcces
 #: levels: the document, the list, an entry, its services).
 MAX_TUNNELS_FILE = 16 * 1024 * 1024
 MAX_TUNNELS_DEPTH = 8
-
-
-class ConfigError(Exception):
-    """Bad input; the message is one line, fit for ``iotunnel-service: error: ...``."""
 
 
 def load_tunnels(path: Path | None, registry: TunnelRegistry) -> None:

@@ -36,9 +36,12 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import ClassVar, Protocol
 
-from proxy import boundedjson
-from service.notify import LogNotifier, Notification, Notifier
-from service.registry import InvalidTunnel, Mode, Tunnel, TunnelRegistry
+from iotunnel import boundedjson
+from iotunnel.mode import Mode
+from iotunnel.notify import Notification
+from iotunnel.secret import Secret
+from service.notify import Delivery, LogNotifier, Notifier
+from service.registry import InvalidTunnel, Tunnel, TunnelRegistry
 
 log = logging.getLogger(__name__)
 
@@ -376,9 +379,8 @@ class ControlPlane:
             await self.data_plane.end_tunnel(tunnel_id, reason)
 
     def _notify(self, tunnel: Tunnel, thing_name: str, token: str) -> None:
-        self.notifier.publish(
-            Notification(thing_name, token, self.settings.region, tunnel.services)
-        )
+        notification = Notification(Secret(token), self.settings.region, tunnel.services)
+        self.notifier.publish(Delivery(thing_name, notification))
 
 
 def _order(tunnel: Tunnel) -> tuple[float, str]:

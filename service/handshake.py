@@ -25,30 +25,22 @@ does not use up a single-use token.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from urllib.parse import parse_qs, urlsplit
 
-from service.registry import Claim, Mode, TunnelRegistry, digest
+from iotunnel.handshake import ACCESS_HEADER, CLIENT_HEADER, MODE_QUERY, SUBPROTOCOLS
+from iotunnel.mode import Mode
+from iotunnel.rules import CLIENT_TOKEN_RE
+from service.registry import Claim, TunnelRegistry, digest
 
-#: The subprotocols the service speaks, best first, with their protocol version.
-SUBPROTOCOLS: dict[str, int] = {
-    "aws.iot.securetunneling-3.0": 3,
-    "aws.iot.securetunneling-2.0": 2,
-    "aws.iot.securetunneling-1.0": 1,
-}
 #: Largest handshake request (request line and headers), as the AWS service enforces it.
 MAX_REQUEST = 4096
 #: The only path that upgrades.
 TUNNEL_PATH = "/tunnel"
-#: Header and cookie that carry the client access token.
-ACCESS_HEADER = "access-token"
+#: The cookie that may carry the client access token instead of the header.
 ACCESS_COOKIE = "awsiot-tunnel-token"
-#: Header that carries the optional client token, and its format.
-CLIENT_HEADER = "client-token"
-CLIENT_TOKEN_RE = re.compile(r"[a-zA-Z0-9-]{32,128}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,7 +140,7 @@ def check(request: HandshakeRequest, registry: TunnelRegistry) -> Candidate | Re
     url = urlsplit(request.target)
     if url.path != TUNNEL_PATH:
         return Refusal(HTTPStatus.NOT_FOUND, "not found")
-    modes = parse_qs(url.query).get("local-proxy-mode", [])
+    modes = parse_qs(url.query).get(MODE_QUERY, [])
     if len(modes) != 1 or modes[0] not in (Mode.SOURCE, Mode.DESTINATION):
         return Refusal(
             HTTPStatus.BAD_REQUEST, "local-proxy-mode must be given once: source or destination"

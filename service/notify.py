@@ -1,12 +1,11 @@
 """Device notifications: what AWS IoT Core publishes to a thing when a tunnel is opened for it.
 
-Topic ``$aws/things/<thing>/tunnels/notify``, QoS 1, payload (proxy/protocol/PROTOCOL.md,
-section 'Device notification')::
+Topic ``$aws/things/<thing>/tunnels/notify``, QoS 1; the payload is
+:class:`iotunnel.notify.Notification`'s, the schema the agent parses
+(proxy/protocol/PROTOCOL.md, section 'Device notification').
 
-    {"clientAccessToken": "...", "clientMode": "destination", "region": "us-east-1",
-     "services": ["HTTP1", "SSH1"]}
-
-The control plane hands a :class:`Notification` to a :class:`Notifier`, which must neither
+The control plane hands a :class:`Delivery` (a thing and its notification) to a
+:class:`Notifier`, which must neither
 block nor raise: delivery is best effort, as with AWS (OpenTunnel succeeds whether or not the
 device is online). :class:`MqttNotifier` publishes with awscrt's MQTT5 client (the client the
 device agent uses, from awsiotsdk) over TLS, with a client certificate for mutual TLS;
@@ -20,7 +19,6 @@ The access token is never logged: log lines name the thing and the services.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import threading
 import uuid
@@ -28,6 +26,8 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
+
+from iotunnel.notify import Notification, notify_topic
 
 log = logging.getLogger(__name__)
 
@@ -38,34 +38,20 @@ CONNECT_WAIT = 10.0
 STOP_WAIT = 5.0
 
 
-def notify_topic(thing_name: str) -> str:
-    """The topic AWS IoT Core publishes tunnel notifications for ``thing_name`` on."""
-    return f"$aws/things/{thing_name}/tunnels/notify"
-
-
 @dataclass(frozen=True, slots=True)
-class Notification:
-    """One destination notification."""
+class Delivery:
+    """One destination notification, and the thing it is for."""
 
     thing_name: str
-    access_token: str = field(repr=False)
-    region: str
-    services: tuple[str, ...]
+    notification: Notification
 
     @property
     def topic(self) -> str:
         return notify_topic(self.thing_name)
 
-    def payload(self) -> bytes:
-        """The JSON payload, exactly the four fields AWS sends."""
-        return json.dumps(
-            {
-                "clientAccessToken": self.access_token,
-                "clientMode": "destination",
-                "region": self.region,
-                "services": list(self.services),
-            }
-        ).encode()
+    @property
+    def services(self) -> tuple[str, ...]:
+        return self.notification.services
 
 
 class Notifier(Protocol):
@@ -75,8 +61,8 @@ class Notifier(Protocol):
         """Connect (or get ready to); called once before the first publish."""
         ...
 
-    def publish(self, notification: Notification) -> None:
-        """Queue ``notification`` for delivery and return at once."""
+    def publish(self, delivery: Delivery) -> None:
+        """Queue ``delivery`` and return at once."""
         ...
 
     async def close(self) -> None:
@@ -90,10 +76,10 @@ class LogNotifier:
     async def start(self) -> None:
         pass
 
-    def publish(self, notification: Notification) -> None:
+    def publish(self, delivery: Delivery) -> None:
         log.warning(
             "no MQTT broker configured (--mqtt-host): notification for thing %s not sent",
-            notification.thing_name,
+            delivery.thing_name,
         )
 
     async def close(self) -> None:
@@ -104,13 +90,13 @@ class RecordingNotifier:
     """Keeps every notification in :attr:`sent` (tests)."""
 
     def __init__(self) -> None:
-        self.sent: list[Notification] = []
+        self.sent: list[Delivery] = []
 
     async def start(self) -> None:
         pass
 
-    def publish(self, notification: Notification) -> None:
-        self.sent.append(notification)
+    def publish(self, delivery: Delivery) -> None:
+        self.sent.append(delivery)
 
     async def close(self) -> None:
         pass
@@ -184,21 +170,21 @@ class MqttNotifier:
                 self.connect_wait,
             )
 
-    def publish(self, notification: Notification) -> None:
+    def publish(self, delivery: Delivery) -> None:
         from awscrt import mqtt5
 
         if self._client is None:
             log.error(
-                "MQTT: not started; notification for thing %s dropped", notification.thing_name
+                "MQTT: not started; notification for thing %s dropped", delivery.thing_name
             )
             return
         packet = mqtt5.PublishPacket(
-            topic=notification.topic,
-            payload=notification.payload(),
+            topic=delivery.topic,
+            payload=delivery.notification.payload(),
             qos=mqtt5.QoS.AT_LEAST_ONCE,
         )
-        thing = notification.thing_name
-        services = ",".join(notification.services) or "(none)"
+        thing = delivery.thing_name
+        services = ",".join(delivery.services) or "(none)"
         try:
             future = self._client.publish(packet)
         except Exception as exc:  # awscrt raises for a stopped client or a bad topic

@@ -27,9 +27,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
+from iotunnel.mode import Mode
 from proxy.protocol.framing import MAX_WS_MESSAGE, encode
 from proxy.protocol.messages import Message, MessageType
-from service.registry import Mode
 
 #: The message types each end may send through the service.
 ALLOWED: dict[Mode, frozenset[int]] = {

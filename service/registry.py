@@ -23,6 +23,8 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from iotunnel.mode import Mode
+from iotunnel.rules import NAME_MAX, NAME_RE
 from service.clock import Clock, SystemClock
 
 #: Tunnel ids: the AWS API's pattern (AWS issues UUIDs; a tunnels file may use names).
@@ -35,18 +37,6 @@ ACCESS_TOKEN_RE = re.compile(r"[!#-+\--:<-~]{16,4096}")
 def digest(secret: str) -> str:
     """The SHA-256 digest (hex) under which a token is kept."""
     return hashlib.sha256(secret.encode()).hexdigest()
-
-
-class Mode(enum.StrEnum):
-    """Which end of a tunnel a client connects as (``local-proxy-mode``)."""
-
-    SOURCE = "source"
-    DESTINATION = "destination"
-
-    @property
-    def other(self) -> Mode:
-        """The opposite end."""
-        return Mode.DESTINATION if self is Mode.SOURCE else Mode.SOURCE
 
 
 class TunnelStatus(enum.StrEnum):
@@ -81,8 +71,8 @@ class UnknownTunnel(KeyError):
 class ServiceIdRule:
     """What a service id may look like (AWS: ``[a-zA-Z0-9:_-]+``, at most 128 characters)."""
 
-    pattern: re.Pattern[str] = re.compile(r"[a-zA-Z0-9:_-]+")
-    max_length: int = 128
+    pattern: re.Pattern[str] = NAME_RE
+    max_length: int = NAME_MAX
 
     def problem(self, service_id: str) -> str | None:
         """Why ``service_id`` is not acceptable, or None."""

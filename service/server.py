@@ -46,6 +46,7 @@ from websockets.http11 import Request, Response
 from websockets.protocol import State
 from websockets.typing import Subprotocol
 
+from iotunnel.mode import Mode
 from proxy.io.memory import HeapTrimmer
 from proxy.io.sockets import RECEIVE_BUFFER, tune_listener, tune_transport
 from proxy.protocol.errors import RemoteProtocolError
@@ -54,7 +55,7 @@ from proxy.protocol.messages import MAX_MESSAGE, Message
 from service.bandwidth import TokenBucket
 from service.handshake import Admission, Candidate, HandshakeRequest, Refusal, check, claim
 from service.pairing import Pairing, describe, pack
-from service.registry import Mode, TunnelRegistry
+from service.registry import TunnelRegistry
 from service.throttle import COUNTED, DEFAULT_THROTTLE, HandshakeThrottle, ThrottleSettings
 
 log = logging.getLogger(__name__)

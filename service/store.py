@@ -16,7 +16,7 @@ import sqlite3
 from pathlib import Path
 from typing import Any
 
-from proxy import boundedjson
+from iotunnel import boundedjson
 from service.registry import ConnectionState, Grant, Tunnel, TunnelStatus
 
 #: Bumped when the row format changes; an unknown version is refused, not guessed at.

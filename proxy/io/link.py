@@ -19,8 +19,10 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import InvalidHandshake, InvalidStatus, InvalidURI
 from websockets.typing import Subprotocol
 
-from proxy import __version__
-from proxy.errors import ConfigError, ConnectFailed, HandshakeRefused
+from iotunnel import __version__
+from iotunnel.errors import ConfigError
+from iotunnel.handshake import ACCESS_HEADER, CLIENT_HEADER, SUBPROTOCOLS, V1_SUBPROTOCOL
+from proxy.errors import ConnectFailed, HandshakeRefused
 from proxy.io.sockets import tune_transport
 from proxy.protocol.framing import MAX_WS_MESSAGE
 from proxy.tls import CAError, ssl_context
@@ -29,12 +31,6 @@ __all__ = ["LinkOptions", "close_cause", "map_exceptions", "open_link", "prepare
 
 log = logging.getLogger("proxy.link")
 
-#: Subprotocols we offer, best first, and the protocol version each means.
-SUBPROTOCOLS: dict[str, int] = {
-    "aws.iot.securetunneling-3.0": 3,
-    "aws.iot.securetunneling-2.0": 2,
-    "aws.iot.securetunneling-1.0": 1,
-}
 # Queues below the fair scheduler are kept small (proxy/io/sockets.py), so that it, not a FIFO
 # buffer, decides what goes next. Measured with bench scenario 4 (bench/RESULTS.md).
 #: websockets' own write buffer high-water mark.
@@ -226,9 +222,9 @@ async def open_link(options: LinkOptions) -> tuple[ClientConnection, int]:
         ConnectFailed: anything else (retry).
         ConfigError: the ``-c`` CA cannot be loaded.
     """
-    headers = {"access-token": options.access_token}
+    headers = {ACCESS_HEADER: options.access_token}
     if options.client_token:
-        headers["client-token"] = options.client_token
+        headers[CLIENT_HEADER] = options.client_token
     secure = options.url.startswith("wss://")
     secrets = tuple(value for value in (options.access_token, options.client_token) if value)
     if secure and options.tls is None:
@@ -257,7 +253,7 @@ async def open_link(options: LinkOptions) -> tuple[ClientConnection, int]:
     channel = ws.response.headers.get("channel-id") if ws.response else None
     log.info(
         "connected to the tunnel service (protocol %s%s)",
-        ws.subprotocol or "aws.iot.securetunneling-1.0",
+        ws.subprotocol or V1_SUBPROTOCOL,
         f", channel-id {channel}" if channel else "",
     )
     return ws, version

@@ -25,8 +25,11 @@ import uuid
 from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed
 
-from proxy.config import Endpoint, Mode, ProxySettings
-from proxy.errors import ConfigError, TransportError
+from iotunnel.errors import ConfigError
+from iotunnel.exits import ExitCode
+from iotunnel.mode import Mode
+from proxy.config import Endpoint, ProxySettings
+from proxy.errors import TransportError
 from proxy.io.link import LinkOptions, close_cause, open_link, prepare
 from proxy.io.local import LocalConnection, connect_local
 from proxy.io.scheduler import FairScheduler
@@ -47,16 +50,11 @@ from proxy.protocol.actions import (
     ServiceIdsReceived,
     WriteLocal,
 )
-from proxy.protocol.session import Role, TunnelSession
+from proxy.protocol.session import TunnelSession
 from proxy.retry import backoff, is_retryable
 from proxy.status import Closed, Connected, Opened, Reconnecting, Services, StatusWriter
 
 log = logging.getLogger("proxy")
-
-EXIT_CLOSED = 0  #: the service closed the tunnel (CloseTunnel, expiry)
-EXIT_CONFIG = 2  #: a usage or configuration error, including a mapping the tunnel cannot use
-EXIT_REFUSED = 3  #: the service refused the handshake (4xx: bad, used or expired token)
-EXIT_NETWORK = 4  #: gave up reaching the service
 
 #: Seconds of sending (idle time left out) over which the writer measures the link's rate.
 _RATE_WINDOW = 0.1
@@ -94,7 +92,7 @@ class Tunnel:
         #: Why the run ended, for the status channel's exit event.
         self.exit_reason = ""
         self.tuning = settings.tuning
-        role = Role.SOURCE if settings.mode is Mode.SOURCE else Role.DESTINATION
+        role = settings.mode
         self.session = TunnelSession(role, version=settings.peer_version)
         self.scheduler = FairScheduler(self._encode, max_quantum=self.tuning.read_chunk)
         self.conns: dict[ConnectionRef, LocalConnection] = {}
@@ -126,7 +124,7 @@ class Tunnel:
     async def run(self) -> int:
         """Run until the tunnel is closed or cannot go on; returns the exit code."""
         try:
-            if self.session.role is Role.SOURCE:
+            if self.session.role is Mode.SOURCE:
                 # A local mistake must not spend the (maybe single-use) access token.
                 await self._bind_mapped()
             return await self._run()
@@ -135,7 +133,7 @@ class Tunnel:
         except ConfigError as exc:
             log.error("%s", exc)
             self.exit_reason = str(exc)
-            return EXIT_CONFIG
+            return ExitCode.CONFIG
         finally:
             await self._shutdown()
 
@@ -160,12 +158,12 @@ class Tunnel:
                 if not is_retryable(exc):
                     log.error("%s; not retrying", exc)
                     self.exit_reason = str(exc)
-                    return EXIT_REFUSED
+                    return ExitCode.REFUSED
                 failures += 1
                 if 0 <= t.reconnect_attempts < failures:
                     log.error("%s; giving up after %d attempts", exc, failures)
                     self.exit_reason = f"{exc}; gave up after {failures} attempts"
-                    return EXIT_NETWORK
+                    return ExitCode.NETWORK
                 delay = next(delays)
                 log.warning("%s; retrying in %.1f s", exc, delay)
                 self.status.emit(Reconnecting(str(exc), delay))
@@ -181,7 +179,7 @@ class Tunnel:
                 self._drop_session()
             if closed:
                 self.exit_reason = "the tunnel service closed the tunnel"
-                return EXIT_CLOSED
+                return ExitCode.CLOSED
             lasted = clock() - connected
             if lasted >= t.reconnect_reset_after:
                 failures = 0
@@ -197,7 +195,7 @@ class Tunnel:
                         failures,
                     )
                     self.exit_reason = f"the tunnel service dropped {failures} connections"
-                    return EXIT_NETWORK
+                    return ExitCode.NETWORK
             delay = next(delays)
             log.warning(
                 "lost the connection to the tunnel service after %.1f s%s; reconnecting in %.1f s",
@@ -247,7 +245,7 @@ class Tunnel:
     async def _serve(self, ws: ClientConnection, version: int) -> bool:
         """Relay until the WebSocket ends; True when the service closed the tunnel."""
         self.ws = ws
-        if self.session.role is Role.SOURCE:
+        if self.session.role is Mode.SOURCE:
             self.session.version = min(self.settings.peer_version, version)
         if version == 1:
             # A 1.0 service announces no service IDs: use the configured mapping as is.
@@ -359,7 +357,7 @@ class Tunnel:
             log.info("the tunnel carries services: %s", names(ids) or "(none)")
             self.status.emit(Services(ids))
         mappings = self.settings.mappings
-        if self.session.role is Role.SOURCE:
+        if self.session.role is Mode.SOURCE:
             plan = plan_source(mappings, ids)
         else:
             plan = plan_destination(mappings, ids)
@@ -375,13 +373,13 @@ class Tunnel:
                 plan.ignored,
             )
         self._plan = plan
-        if self.session.role is Role.SOURCE:
+        if self.session.role is Mode.SOURCE:
             self._listeners_wanted = True
 
     def _fail_config(self, text: str) -> None:
         log.error("%s", text)
         self.exit_reason = text
-        raise _Exit(EXIT_CONFIG)
+        raise _Exit(ExitCode.CONFIG)
 
     async def _bind_mapped(self) -> None:
         """Source: listen on every configured endpoint, before connecting to the service."""

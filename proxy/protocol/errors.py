@@ -1,11 +1,12 @@
 """Errors raised or recorded by the sans-IO protocol core.
 
-The tree (the rest of it lives in :mod:`proxy.errors`)::
+The tree (its root is :mod:`iotunnel.errors`, the rest lives in :mod:`proxy.errors`)::
 
-    TunnelError
-     +-- ProtocolError                 the tunnel protocol was broken
-          +-- LocalProtocolError       ... by us (a bug or misuse of the core)
-          +-- RemoteProtocolError      ... by the peer or the service (bad bytes, bad message)
+    IotunnelError
+     +-- TunnelError
+          +-- ProtocolError                 the tunnel protocol was broken
+               +-- LocalProtocolError       ... by us (a bug or misuse of the core)
+               +-- RemoteProtocolError      ... by the peer or the service (bad bytes, bad message)
 
 Peer input never raises out of :class:`proxy.protocol.session.TunnelSession`: a
 :class:`RemoteProtocolError` is recorded on the session instead.
@@ -13,9 +14,12 @@ Peer input never raises out of :class:`proxy.protocol.session.TunnelSession`: a
 
 from __future__ import annotations
 
+from iotunnel.errors import IotunnelError
 
-class TunnelError(Exception):
-    """Base class of every error iotunnel raises on purpose."""
+
+class TunnelError(IotunnelError):
+    """Base class of the errors of a tunnel: the protocol's, and (in :mod:`proxy.errors`) the
+    network's."""
 
 
 class ProtocolError(TunnelError):

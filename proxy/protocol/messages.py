@@ -7,7 +7,6 @@ This is the only module that imports the generated protobuf code. Everything abo
 from __future__ import annotations
 
 import enum
-import re
 from dataclasses import dataclass
 
 from google.protobuf.message import DecodeError
@@ -19,8 +18,6 @@ from proxy.protocol.errors import LocalProtocolError, RemoteProtocolError
 MAX_PAYLOAD = 64512
 #: Largest serialised message: the 2-byte length prefix cannot say more.
 MAX_MESSAGE = 0xFFFF
-#: Service identifiers as the AWS API accepts them.
-SERVICE_ID_RE = re.compile(r"[a-zA-Z0-9:_-]{1,128}")
 
 _PAYLOAD_REPR = 24
 

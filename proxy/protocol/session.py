@@ -20,9 +20,10 @@ Rules (proxy/protocol/PROTOCOL.md, section 'Rules'; the reference's V1/V2/V3 pro
 
 from __future__ import annotations
 
-import enum
 from dataclasses import dataclass, field
 
+from iotunnel.mode import Mode
+from iotunnel.rules import SERVICE_ID_RE
 from proxy.protocol.actions import (
     Action,
     CloseLocal,
@@ -33,17 +34,10 @@ from proxy.protocol.actions import (
 )
 from proxy.protocol.errors import LocalProtocolError, RemoteProtocolError
 from proxy.protocol.framing import Decoder, encode, frame_parts
-from proxy.protocol.messages import SERVICE_ID_RE, Message, MessageType, payload_wire, to_wire
+from proxy.protocol.messages import Message, MessageType, payload_wire, to_wire
 
 _MAX_STREAM_ID = 2**31 - 1
 _MAX_CONNECTION_ID = 2**32 - 1
-
-
-class Role(enum.Enum):
-    """Which end of the tunnel this session is."""
-
-    SOURCE = "source"  #: accepts local connections and opens streams
-    DESTINATION = "destination"  #: connects to local services when streams open
 
 
 @dataclass(slots=True)
@@ -98,7 +92,7 @@ class TunnelSession:
             each stream's STREAM_START showed; the argument is ignored there.
     """
 
-    def __init__(self, role: Role, *, version: int = 3) -> None:
+    def __init__(self, role: Mode, *, version: int = 3) -> None:
         if version not in (1, 2, 3):
             raise LocalProtocolError(f"unknown protocol version {version}")
         self.role = role
@@ -196,7 +190,7 @@ class TunnelSession:
             )
 
     def _on_stream_start(self, m: Message) -> None:
-        if self.role is Role.SOURCE:
+        if self.role is Mode.SOURCE:
             self._error("STREAM_START received by a source dropped")
             return
         if m.stream_id <= 0:
@@ -219,7 +213,7 @@ class TunnelSession:
         self._actions.append(OpenLocal(ConnectionRef(service_id, m.stream_id, cid)))
 
     def _on_connection_start(self, m: Message) -> None:
-        if self.role is Role.SOURCE:
+        if self.role is Mode.SOURCE:
             self._error("CONNECTION_START received by a source dropped")
             return
         stream = self._active(m)
@@ -278,7 +272,7 @@ class TunnelSession:
         The unnamed service ``""`` (a tunnel announcing no service) is a V1 stream whatever the
         version: a destination reads a STREAM_START without a service ID as V1.
         """
-        if self.role is not Role.SOURCE:
+        if self.role is not Mode.SOURCE:
             raise LocalProtocolError("only a source opens connections")
         if self.version == 1:
             service_id = ""

@@ -14,15 +14,8 @@ import pytest
 from agent_files import DeviceFiles
 
 from agent import cli
-from agent.config import (
-    DEFAULT_CONFIG,
-    KEYS,
-    AgentSettings,
-    CheckOnly,
-    CliExit,
-    ConfigError,
-    load,
-)
+from agent.config import DEFAULT_CONFIG, KEYS, AgentSettings, CheckOnly, CliExit, load
+from iotunnel.errors import ConfigError
 from testbed.pki import PKI
 
 ROOT = Path(__file__).resolve().parents[2]

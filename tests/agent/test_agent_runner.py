@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 
 from agent.config import AgentSettings
-from agent.notify import Notification
 from agent.proxy_runner import (
     ChildStatus,
     ProxyChild,
@@ -19,7 +18,8 @@ from agent.proxy_runner import (
     child_environment,
     child_verbosity,
 )
-from proxy.config import Secret
+from iotunnel.notify import Notification
+from iotunnel.secret import Secret
 from proxy.status import Closed, Connected, Exited, Opened, Reconnecting, Services, encode
 
 TOKEN = Secret("destination-token-value")

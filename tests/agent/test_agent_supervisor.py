@@ -7,7 +7,6 @@ import logging
 
 import pytest
 
-from agent.notify import Notification
 from agent.supervisor import (
     CancelRestart,
     Log,
@@ -18,7 +17,8 @@ from agent.supervisor import (
     Supervisor,
     describe_exit,
 )
-from proxy.config import Secret
+from iotunnel.notify import Notification
+from iotunnel.secret import Secret
 
 
 def note(token: str = "tok-1", services: tuple[str, ...] = ("HTTP1", "SSH1")) -> Notification:  # noqa: S107

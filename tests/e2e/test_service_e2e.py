@@ -17,7 +17,8 @@ from typing import Any
 
 import pytest
 
-from service.notify import notify_topic
+from iotunnel.exits import ExitCode
+from iotunnel.notify import notify_topic
 from testbed.awsapi import (
     Subscriber,
     aws_env,
@@ -35,7 +36,6 @@ pytestmark = pytest.mark.skipif(
     mosquitto_binary() is None, reason="mosquitto is not installed (Debian package 'mosquitto')"
 )
 
-EXIT_CLOSED, EXIT_REFUSED = 0, 3
 
 
 def states(client: Any, tunnel_id: str) -> tuple[str, str, str]:
@@ -124,7 +124,7 @@ def test_cli_notification_proxies_rotate_restart_close(
             proxy_argv,
             env={"AWSIOT_TUNNEL_ACCESS_TOKEN": note["clientAccessToken"]},
         )
-        assert intruder.wait() == EXIT_REFUSED
+        assert intruder.wait() == ExitCode.REFUSED
 
         # 4. rotate the destination token: the old peer is dropped, the device is notified
         rotated = aws_json(
@@ -140,7 +140,7 @@ def test_cli_notification_proxies_rotate_restart_close(
             service,
             env,
         )
-        assert destination.wait() == EXIT_CLOSED
+        assert destination.wait() == ExitCode.CLOSED
         _, payload, _ = device.next()
         new_token = json.loads(payload)["clientAccessToken"]
         assert new_token == rotated["destinationAccessToken"] != note["clientAccessToken"]
@@ -149,7 +149,7 @@ def test_cli_notification_proxies_rotate_restart_close(
             proxy_argv,
             env={"AWSIOT_TUNNEL_ACCESS_TOKEN": note["clientAccessToken"]},
         )
-        assert stale.wait() == EXIT_REFUSED
+        assert stale.wait() == ExitCode.REFUSED
         destination = stack.destination(
             new_token, service.port, mapping, ca=pki.ca.cert, name="destination-2"
         )
@@ -169,8 +169,8 @@ def test_cli_notification_proxies_rotate_restart_close(
 
         # 6. CloseTunnel ends both proxies normally
         assert aws_json(["close-tunnel", "--tunnel-id", tunnel_id], service, env) == {}
-        assert destination.wait() == EXIT_CLOSED
-        assert source.proc.wait() == EXIT_CLOSED
+        assert destination.wait() == ExitCode.CLOSED
+        assert source.proc.wait() == ExitCode.CLOSED
         assert states(client, tunnel_id) == ("CLOSED", "DISCONNECTED", "DISCONNECTED")
 
     logs = "".join(p.output() for p in stack.procs if p.name.startswith("service"))
@@ -207,8 +207,8 @@ def test_lifetime_expires_the_tunnel_and_both_proxies_exit(
         opened["sourceAccessToken"], service.port, "SSH1=0", ["SSH1"], ca=pki.ca.cert
     )
     assert echo_roundtrips(source.ports["SSH1"], 3) == 3
-    assert destination.wait(timeout=minute + 30) == EXIT_CLOSED
-    assert source.proc.wait(timeout=30) == EXIT_CLOSED
+    assert destination.wait(timeout=minute + 30) == ExitCode.CLOSED
+    assert source.proc.wait(timeout=30) == ExitCode.CLOSED
     tunnel = aws_json(["describe-tunnel", "--tunnel-id", opened["tunnelId"]], service, env)
     assert tunnel["tunnel"]["status"] == "CLOSED"
     assert tunnel["tunnel"]["timeoutConfig"] == {"maxLifetimeTimeoutMinutes": 1}

@@ -42,7 +42,7 @@ SYSTEM_PYTHON = Path("/usr/bin/python3")
 
 
 def project_version() -> str:
-    text = (REPO / "proxy" / "__init__.py").read_text()
+    text = (REPO / "iotunnel" / "__init__.py").read_text()
     match = re.search(r'^__version__ = "([^"]+)"', text, re.MULTILINE)
     assert match is not None
     return match.group(1)

@@ -109,7 +109,8 @@ def test_file_list(debs: dict[str, Path], arch: str) -> None:
     assert not [p for p in paths if "__pycache__" in p or p.endswith(".pyc")]
     not_on_devices = ("testbed/", "demo/", "bench/", "tests/", "service/", "bin/")
     assert not [p for p in paths if p.startswith(tuple(LIB + d for d in not_on_devices))]
-    for package in ("agent/", "proxy/", "proxy/protocol/_pb/", "awscrt/", "awsiot/", "websockets/"):
+    vendored = ("awscrt/", "awsiot/", "websockets/")
+    for package in ("iotunnel/", "agent/", "proxy/", "proxy/protocol/_pb/", *vendored):
         assert LIB + package in entries
     for name, version in locked().items():
         assert f"{LIB}{name}-{version}.dist-info/" in entries

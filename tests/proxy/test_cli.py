@@ -10,10 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from proxy import __version__
+from iotunnel import __version__
+from iotunnel.errors import ConfigError
+from iotunnel.mode import Mode
+from iotunnel.secret import Secret
 from proxy.cli import main
-from proxy.config import Mode, ProxySettings, Secret
-from proxy.errors import ConfigError
+from proxy.config import ProxySettings
 
 REPO = Path(__file__).resolve().parents[2]
 TOKEN = "AQGAAXiNsecretTOKENvalue0123456789"

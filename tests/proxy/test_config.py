@@ -11,13 +11,14 @@ from pathlib import Path
 
 import pytest
 
-from proxy import __version__
+from iotunnel import __version__
+from iotunnel.errors import ConfigError
+from iotunnel.mode import Mode
+from iotunnel.secret import Secret
 from proxy.config import (
     CliExit,
     Endpoint,
-    Mode,
     ProxySettings,
-    Secret,
     ServiceMapping,
     Tuning,
     default_settings_json,
@@ -27,7 +28,6 @@ from proxy.config import (
     read_mapping_dir,
     read_mapping_file,
 )
-from proxy.errors import ConfigError
 from testbed.pki import PKI
 
 REPO = Path(__file__).resolve().parents[2]

@@ -11,8 +11,8 @@ from typing import Any
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from iotunnel.errors import ConfigError
 from proxy.config import CliExit, ProxySettings, Tuning, load
-from proxy.errors import ConfigError
 
 TOKEN = "AQGAAXiNsecretTOKENvalue/with+base64=chars"
 ENV = {"AWSIOT_TUNNEL_ACCESS_TOKEN": TOKEN}

@@ -17,10 +17,10 @@ from pathlib import Path
 import pytest
 from hostile_service import Behaviour, HostileService, Listener
 
+from iotunnel.exits import ExitCode
 from testbed.harness import Proc, Stack, Tunnel
 from testbed.pki import PKI
 
-EXIT_CONFIG, EXIT_REFUSED, EXIT_NETWORK = 2, 3, 4
 ROLES = ("src", "dst")
 
 
@@ -103,7 +103,7 @@ def test_reconnect_attempts_counts_connections_that_drop_at_once(stack: Stack) -
         proc = start_proxy(
             stack, "dst", hostile.url, secret, extra=("--settings-json", str(settings))
         )
-        assert proc.wait(60) == EXIT_NETWORK
+        assert proc.wait(60) == ExitCode.NETWORK
         assert hostile.connections == 3
     output = assert_clean(proc, secret)
     assert "giving up after 3 attempts" in output
@@ -156,7 +156,7 @@ def test_refusal_reason_from_the_body_is_shown_sanitised(stack: Stack, role: str
     body = f"invalid access token {secret}\x1b[31m\x00 " + "long " * 200
     with HostileService(Behaviour.REFUSE, status=403, body=body.encode()) as hostile:
         proc = start_proxy(stack, role, hostile.url, secret)
-        assert proc.wait(30) == EXIT_REFUSED
+        assert proc.wait(30) == ExitCode.REFUSED
     output = assert_clean(proc, secret)
     [line] = error_lines(output)
     assert "refused the connection: HTTP 403 (invalid access token [secure] [31m long" in line
@@ -184,7 +184,7 @@ def test_refusal_without_a_body_is_explained_by_its_status(
     secret = token()
     with HostileService(Behaviour.REFUSE, status=status) as hostile:
         proc = start_proxy(stack, "dst", hostile.url, secret)
-        assert proc.wait(30) == EXIT_REFUSED
+        assert proc.wait(30) == ExitCode.REFUSED
     [line] = error_lines(assert_clean(proc, secret))
     assert f"refused the connection: HTTP {status} (" in line
     assert hint in line
@@ -201,7 +201,7 @@ def test_redirect_is_not_followed(stack: Stack, role: str, status: int) -> None:
             Behaviour.REDIRECT, redirect_to=target, redirect_status=status
         ) as hostile:
             proc = start_proxy(stack, role, hostile.url, secret)
-            assert proc.wait(30) == EXIT_REFUSED
+            assert proc.wait(30) == ExitCode.REFUSED
             assert hostile.requests[0].header("access-token") == secret  # it was sent there
         assert elsewhere.connections == 0
         assert secret.encode() not in elsewhere.received
@@ -221,7 +221,7 @@ def test_unloadable_ca_is_a_config_error_before_any_connect(stack: Stack) -> Non
     with Listener() as service:
         url = f"wss://127.0.0.1:{service.port}"
         proc = start_proxy(stack, "dst", url, secret, extra=("-c", "ca.pem"))
-        assert proc.wait(30) == EXIT_CONFIG
+        assert proc.wait(30) == ExitCode.CONFIG
         assert service.connections == 0
     output = assert_clean(proc, secret)
     assert output.strip().splitlines() == [

@@ -18,9 +18,10 @@ from typing import Any
 
 import pytest
 
+from iotunnel.exits import ExitCode
 from proxy.config import ProxySettings, load
 from proxy.io.local import LocalConnection
-from proxy.io.tunnel import EXIT_CONFIG, Tunnel
+from proxy.io.tunnel import Tunnel
 from proxy.protocol.messages import Message, MessageType
 from testbed.fake_service import FakeService
 from testbed.harness import free_port
@@ -250,7 +251,7 @@ def test_destination_storm_of_service_ids_fails_with_one_short_line() -> None:
             FakeService(ids) as fake,
             running(settings(fake.url, "-d", "SSH1=22")) as (_, task, log),
         ):
-            assert await task == EXIT_CONFIG
+            assert await task == ExitCode.CONFIG
             line = await log.wait_for("no destination mapping")
             assert "service X0, X1 announced" in line
             assert len(line) < 200
@@ -272,7 +273,7 @@ def test_source_busy_port_fails_before_connecting() -> None:
                 FakeService(("SSH1",)) as fake,
                 running(settings(fake.url, "-s", f"SSH1={port}")) as (_, task, log),
             ):
-                assert await task == EXIT_CONFIG
+                assert await task == ExitCode.CONFIG
                 line = await log.wait_for("cannot listen")
                 assert (
                     line
@@ -289,7 +290,7 @@ def test_source_bind_address_not_on_this_machine_fails_before_connecting() -> No
             FakeService(("SSH1",)) as fake,
             running(settings(fake.url, "-s", "SSH1=0", "-b", "192.0.2.1")) as (_, task, log),
         ):
-            assert await task == EXIT_CONFIG
+            assert await task == ExitCode.CONFIG
             line = await log.wait_for("cannot listen")
             assert (
                 line == "-s SSH1=0: cannot listen on 192.0.2.1:0: Cannot assign requested address"

@@ -16,9 +16,10 @@ import pytest
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import InvalidStatus
 
+from iotunnel.mode import Mode
 from proxy.protocol.framing import Decoder, encode
 from proxy.protocol.messages import Message
-from service.registry import Mode, TunnelRegistry
+from service.registry import TunnelRegistry
 from service.server import TunnelService
 from testbed.pki import PKI
 

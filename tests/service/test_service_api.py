@@ -64,7 +64,8 @@ def test_every_operation_with_boto3(api: ThreadedApi, client: Any) -> None:
     arn = opened["tunnelArn"]
     assert arn == f"arn:aws:iot:us-east-1:123456789012:tunnel/{tunnel_id}"
     assert opened["sourceAccessToken"] != opened["destinationAccessToken"]
-    [note] = [n for n in api.notifier.sent if n.access_token == opened["destinationAccessToken"]]
+    token = opened["destinationAccessToken"]
+    [note] = [n for n in api.notifier.sent if n.notification.token.reveal() == token]
     assert (note.thing_name, note.services) == ("thing-1", ("HTTP1", "SSH1"))
 
     described = client.describe_tunnel(tunnelId=tunnel_id)["tunnel"]
@@ -86,7 +87,7 @@ def test_every_operation_with_boto3(api: ThreadedApi, client: Any) -> None:
         destinationConfig={"thingName": "thing-1", "services": ["SSH1", "HTTP1"]},
     )
     assert set(rotated) - {"ResponseMetadata"} == {"tunnelArn", "destinationAccessToken"}
-    assert api.notifier.sent[-1].access_token == rotated["destinationAccessToken"]
+    assert api.notifier.sent[-1].notification.token.reveal() == rotated["destinationAccessToken"]
     assert set(client.rotate_tunnel_access_token(tunnelId=tunnel_id, clientMode="ALL")) == {
         "ResponseMetadata",
         "tunnelArn",

@@ -16,13 +16,15 @@ import pytest
 from service_harness import CLIENT_LOGGER, TOKENS, V3, Harness
 from websockets.asyncio.client import connect
 
-from proxy import __version__
+from iotunnel import __version__
+from iotunnel.errors import ConfigError
+from iotunnel.mode import Mode
 from proxy.protocol.framing import Decoder
 from proxy.protocol.messages import Message
 from proxy.protocol.messages import MessageType as T
 from service.cli import main
-from service.config import ConfigError, load_tunnels, tls_context
-from service.registry import Mode, TunnelRegistry
+from service.config import load_tunnels, tls_context
+from service.registry import TunnelRegistry
 from testbed.pki import PKI
 
 ROOT = Path(__file__).resolve().parents[2]

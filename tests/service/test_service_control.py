@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from iotunnel.mode import Mode
 from service.clock import ManualClock
 from service.control import (
     ControlPlane,
@@ -22,7 +23,7 @@ from service.control import (
     ResourceNotFound,
 )
 from service.notify import RecordingNotifier
-from service.registry import Claim, Mode, TunnelRegistry, TunnelStatus
+from service.registry import Claim, TunnelRegistry, TunnelStatus
 from service.store import SqliteStore, StoreError
 
 ARN_PREFIX = "arn:aws:iot:us-east-1:123456789012:tunnel/"
@@ -81,9 +82,9 @@ def test_open_registers_tokens_and_notifies_the_thing() -> None:
     assert w.control.arn(tunnel.tunnel_id) == ARN_PREFIX + tunnel.tunnel_id
     [note] = w.notifier.sent
     assert note.thing_name == "thing-1"
-    assert note.access_token == opened.destination_token
+    assert note.notification.token.reveal() == opened.destination_token
     assert note.services == ("HTTP1", "SSH1")
-    assert note.region == "us-east-1"
+    assert note.notification.region == "us-east-1"
     assert opened.destination_token not in repr(opened)
     assert opened.destination_token not in repr(note)
 
@@ -173,7 +174,8 @@ def test_rotate_revokes_old_tokens_and_disconnects_their_peers() -> None:
     assert w.registry.lookup(tokens[Mode.SOURCE]) is None
     assert w.registry.lookup(opened.destination_token) is None
     note = w.notifier.sent[-1]
-    assert (note.thing_name, note.access_token) == ("thing-2", both[Mode.DESTINATION])
+    assert note.thing_name == "thing-2"
+    assert note.notification.token.reveal() == both[Mode.DESTINATION]
     assert opened.tunnel.thing_name == "thing-2"
 
 

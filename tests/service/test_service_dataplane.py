@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 from service_harness import CLIENT_TOKEN, SERVICES, TOKENS, TUNNEL, Harness
 
+from iotunnel.mode import Mode
 from proxy.protocol.framing import encode
 from proxy.protocol.messages import Message
 from proxy.protocol.messages import MessageType as T
@@ -17,7 +18,7 @@ from service.clock import ManualClock
 from service.control import ControlPlane
 from service.handshake import Candidate, HandshakeRequest, check, claim
 from service.handshake import Refusal as HandshakeRefusal
-from service.registry import Mode, TunnelRegistry
+from service.registry import TunnelRegistry
 from service.server import Bandwidth, TunnelService
 
 SRC, DST = Mode.SOURCE, Mode.DESTINATION

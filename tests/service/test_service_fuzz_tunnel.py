@@ -30,11 +30,11 @@ from service_harness import V1, V2, V3, Harness, Peer
 from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed
 
+from iotunnel.mode import Mode
 from proxy.protocol.errors import RemoteProtocolError
 from proxy.protocol.framing import MAX_WS_MESSAGE, Decoder, encode
 from proxy.protocol.messages import MAX_PAYLOAD, Message
 from proxy.protocol.messages import MessageType as T
-from service.registry import Mode
 from testbed.pki import PKI
 
 settings.register_profile(

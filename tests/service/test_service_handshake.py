@@ -6,6 +6,7 @@ from http import HTTPStatus
 
 import pytest
 
+from iotunnel.mode import Mode
 from service.handshake import (
     MAX_REQUEST,
     Admission,
@@ -17,7 +18,7 @@ from service.handshake import (
     claim,
     cookie_values,
 )
-from service.registry import Mode, TunnelRegistry
+from service.registry import TunnelRegistry
 
 SOURCE = "source-token-0123456789"
 DESTINATION = "destination-token-0123456789"

@@ -11,9 +11,12 @@ from pathlib import Path
 
 import pytest
 
+from iotunnel.mode import Mode
+from iotunnel.notify import Notification, notify_topic
+from iotunnel.secret import Secret
 from service.control import ControlPlane
-from service.notify import MqttNotifier, MqttSettings, Notification, notify_topic
-from service.registry import Mode, TunnelRegistry
+from service.notify import Delivery, MqttNotifier, MqttSettings
+from service.registry import TunnelRegistry
 from testbed.awsapi import Subscriber
 from testbed.harness import Stack
 from testbed.mqtt import mosquitto_binary
@@ -25,9 +28,9 @@ needs_mosquitto = pytest.mark.skipif(
 
 
 def test_payload_is_exactly_what_aws_sends() -> None:
-    note = Notification("thing-1", "the-token", "eu-west-1", ("HTTP1", "SSH1"))
+    note = Delivery("thing-1", Notification(Secret("the-token"), "eu-west-1", ("HTTP1", "SSH1")))
     assert note.topic == "$aws/things/thing-1/tunnels/notify" == notify_topic("thing-1")
-    assert json.loads(note.payload()) == {
+    assert json.loads(note.notification.payload()) == {
         "clientAccessToken": "the-token",
         "clientMode": "destination",
         "region": "eu-west-1",
@@ -100,7 +103,9 @@ def test_a_broker_that_refuses_the_client_is_logged_not_fatal(
     async def scenario() -> None:
         notifier = MqttNotifier(settings, connect_wait=1.0)
         await notifier.start()
-        notifier.publish(Notification("thing-1", "token-value", "us-east-1", ("SSH1",)))
+        notifier.publish(
+            Delivery("thing-1", Notification(Secret("token-value"), "us-east-1", ("SSH1",)))
+        )
         await notifier.close()
 
     with caplog.at_level("INFO"):

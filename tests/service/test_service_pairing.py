@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 
+from iotunnel.mode import Mode
 from proxy.protocol.framing import MAX_WS_MESSAGE, Decoder, encode
 from proxy.protocol.messages import MAX_PAYLOAD, Message
 from proxy.protocol.messages import MessageType as T
 from service.pairing import Pairing, describe, pack
-from service.registry import Mode
 
 SRC, DST = Mode.SOURCE, Mode.DESTINATION
 

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 
+from iotunnel.mode import Mode
 from service.registry import (
     Claim,
     Grant,
     InvalidTunnel,
-    Mode,
     TunnelRegistry,
     TunnelStatus,
     UnknownTunnel,

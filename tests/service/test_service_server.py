@@ -19,11 +19,11 @@ from service_harness import (
     Harness,
 )
 
+from iotunnel.mode import Mode
 from proxy.io.memory import HeapTrimmer
 from proxy.protocol.framing import MAX_WS_MESSAGE, encode
 from proxy.protocol.messages import MAX_PAYLOAD, Message
 from proxy.protocol.messages import MessageType as T
-from service.registry import Mode
 from service.server import MAX_QUEUE
 
 SRC, DST = Mode.SOURCE, Mode.DESTINATION

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from service.cli import build_parser, main, parse_args
+from service.cli import main
+from service.settings import build_parser, load, parse
 from testbed.harness import Stack
 from testbed.pki import PKI
 
@@ -72,7 +73,7 @@ def test_shipped_settings_file_with_every_default_uncommented(tmp_path: Path, pk
         text = re.sub(rf"^{key} = .*$", f"{key} = {path}", text, flags=re.MULTILINE)
     path = tmp_path / "service.ini"
     path.write_text(text)
-    args = parse_args(["--config", str(path)])
+    args = parse(["--config", str(path)])
     assert args.api_port == 8444
     assert args.max_message == 131076
     assert args.service_id_pattern.pattern == "[a-zA-Z0-9:_-]+"
@@ -81,7 +82,7 @@ def test_shipped_settings_file_with_every_default_uncommented(tmp_path: Path, pk
     assert args.plain is False
     assert args.cert == pki.server.cert
     # flags win over the file
-    assert parse_args(["--config", str(path), "--port", "9000"]).port == 9000
+    assert parse(["--config", str(path), "--port", "9000"]).port == 9000
 
 
 @pytest.mark.parametrize(
@@ -154,9 +155,9 @@ def test_bad_state_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> N
 
 
 def test_sizes() -> None:
-    args = parse_args(["--plain", "--bandwidth-limit", "800k", "--bandwidth-burst", "64Ki"])
+    args = load(["--plain", "--bandwidth-limit", "800k", "--bandwidth-burst", "64Ki"])
     assert (args.bandwidth_limit, args.bandwidth_burst) == (800_000, 65536)
-    assert parse_args(["--plain", "--bandwidth-limit", "1.5M"]).bandwidth_limit == 1_500_000
+    assert load(["--plain", "--bandwidth-limit", "1.5M"]).bandwidth_limit == 1_500_000
     assert isinstance(build_parser(), argparse.ArgumentParser)
 
 

@@ -9,9 +9,9 @@ import pytest
 from service_harness import TOKENS, Harness
 from websockets.exceptions import InvalidStatus
 
+from iotunnel.mode import Mode
 from proxy.protocol.messages import Message
 from proxy.protocol.messages import MessageType as T
-from service.registry import Mode
 from service.server import TunnelService
 from service.throttle import HandshakeThrottle, ThrottleSettings
 

@@ -4,7 +4,7 @@ A conversation reads top to bottom: ``>>`` is something that happens to the sess
 what the session must produce in answer to the last ``>>``::
 
     assert (
-        Playbook(TunnelSession(Role.DESTINATION))
+        Playbook(TunnelSession(Mode.DESTINATION))
         >> stream_start(1)
         << OpenLocal(ref("SSH1", 1, 1))
         >> data(1, b"hi")

@@ -25,6 +25,7 @@ from hypothesis.stateful import (
     rule,
 )
 
+from iotunnel.mode import Mode
 from proxy.protocol.actions import (
     Action,
     CloseLocal,
@@ -36,7 +37,7 @@ from proxy.protocol.actions import (
 from proxy.protocol.errors import RemoteProtocolError
 from proxy.protocol.framing import Decoder, encode
 from proxy.protocol.messages import MAX_PAYLOAD, Message, MessageType
-from proxy.protocol.session import DataFramer, Role, TunnelSession
+from proxy.protocol.session import DataFramer, TunnelSession
 
 from .playbook import SESSION_RESET, Link, decode_frame, service_ids
 from .vectors import VECTORS
@@ -258,7 +259,7 @@ class ShellModel:
         for action in actions:
             match action:
                 case OpenLocal(conn):
-                    assert self.session.role is Role.DESTINATION
+                    assert self.session.role is Mode.DESTINATION
                     assert conn not in self.local
                     self.local.add(conn)
                 case WriteLocal(conn, payload):
@@ -273,7 +274,7 @@ class ShellModel:
         frames = [decode_frame(f) for f in self.session.data_to_send()]
         for sent in frames:  # control frames only, and well-formed
             assert sent.stream_id > 0
-            if self.session.role is Role.SOURCE:
+            if self.session.role is Mode.SOURCE:
                 assert sent.type in {T.STREAM_START, T.CONNECTION_START, *RESETS}
             else:  # the destination never starts anything
                 assert sent.type in RESETS
@@ -286,11 +287,11 @@ class ShellModel:
         return actions, frames, [str(e) for e in errors]
 
 
-def _fresh(role: Role, version: int, announce: bool) -> ShellModel:
+def _fresh(role: Mode, version: int, announce: bool) -> ShellModel:
     shell = ShellModel(TunnelSession(role, version=version))
     if announce:
         shell.session.receive_data(encode(service_ids(*SERVICES)))
-    if role is Role.SOURCE:
+    if role is Mode.SOURCE:
         for service in (*SERVICES, SERVICES[0]):
             shell.local.add(shell.session.open_connection(service))
     shell.take()
@@ -299,14 +300,14 @@ def _fresh(role: Role, version: int, announce: bool) -> ShellModel:
 
 @FUZZ
 @given(
-    st.sampled_from(Role),
+    st.sampled_from(Mode),
     st.sampled_from([1, 2, 3]),
     st.booleans(),
     st.lists(peer_bytes.flatmap(lambda b: chunks(b)), max_size=3),
 )
-@example(Role.DESTINATION, 3, True, [[b"\x00\x04\x08\x02\x10\x01", b"\x00\x00"]])
+@example(Mode.DESTINATION, 3, True, [[b"\x00\x04\x08\x02\x10\x01", b"\x00\x00"]])
 def test_receive_data_never_raises(
-    role: Role, version: int, announce: bool, feeds: list[list[bytes]]
+    role: Mode, version: int, announce: bool, feeds: list[list[bytes]]
 ) -> None:
     shell = _fresh(role, version, announce)
     for pieces in feeds:
@@ -321,12 +322,12 @@ def test_receive_data_never_raises(
 
 @FUZZ
 @given(
-    st.sampled_from(Role),
+    st.sampled_from(Mode),
     st.booleans(),
     split_frames(protocol_messages()),
 )
 def test_session_does_not_care_how_valid_bytes_are_cut(
-    role: Role, announce: bool, case: tuple[list[Message], list[bytes]]
+    role: Mode, announce: bool, case: tuple[list[Message], list[bytes]]
 ) -> None:
     _, pieces = case
 
@@ -365,8 +366,8 @@ class PairMachine(RuleBasedStateMachine):
 
     @initialize(version=st.sampled_from([1, 2, 3]), announce=st.booleans())
     def start(self, version: int, announce: bool) -> None:
-        source = TunnelSession(Role.SOURCE, version=version)
-        self.link = Link(source, TunnelSession(Role.DESTINATION))
+        source = TunnelSession(Mode.SOURCE, version=version)
+        self.link = Link(source, TunnelSession(Mode.DESTINATION))
         self.sent = {id(self.link.source): {}, id(self.link.destination): {}}
         self.announce = announce
         self._announce()

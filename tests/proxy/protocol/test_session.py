@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import pytest
 
+from iotunnel.mode import Mode
 from proxy.protocol.actions import CloseLocal, OpenLocal, ServiceIdsReceived, WriteLocal
 from proxy.protocol.errors import LocalProtocolError
 from proxy.protocol.framing import encode
 from proxy.protocol.messages import MAX_PAYLOAD, Message
-from proxy.protocol.session import Role, TunnelSession
+from proxy.protocol.session import TunnelSession
 
 from .playbook import (
     SESSION_RESET,
@@ -37,19 +38,19 @@ from .vectors import load_hex
 
 @pytest.fixture
 def dst() -> TunnelSession:
-    return TunnelSession(Role.DESTINATION)
+    return TunnelSession(Mode.DESTINATION)
 
 
 @pytest.fixture
 def src() -> TunnelSession:
-    return TunnelSession(Role.SOURCE)
+    return TunnelSession(Mode.SOURCE)
 
 
 def test_constructor_rejects_unknown_versions() -> None:
     for version in (0, 4):
         with pytest.raises(LocalProtocolError, match="version"):
-            TunnelSession(Role.SOURCE, version=version)
-    assert TunnelSession(Role.DESTINATION, version=1).version == 1
+            TunnelSession(Mode.SOURCE, version=version)
+    assert TunnelSession(Mode.DESTINATION, version=1).version == 1
 
 
 # ---------------------------------------------------------------------- SERVICE_IDS
@@ -61,8 +62,8 @@ class TestServiceIds:
     proxy/protocol/PROTOCOL.md, section 'Service IDs'.
     """
 
-    @pytest.mark.parametrize("role", list(Role))
-    def test_recorded_and_reported(self, role: Role) -> None:
+    @pytest.mark.parametrize("role", list(Mode))
+    def test_recorded_and_reported(self, role: Mode) -> None:
         session = TunnelSession(role)
         assert session.service_ids is None
         assert (
@@ -195,7 +196,7 @@ class TestSourceOldVersions:
     """``-y V1|V2``: a source speaking to an old destination."""
 
     def test_v1_no_service_id_on_the_wire_and_one_stream(self) -> None:
-        src = TunnelSession(Role.SOURCE, version=1)
+        src = TunnelSession(Mode.SOURCE, version=1)
         first, second = ref("", 1, 1), ref("", 2, 1)
         assert (
             Playbook(src)
@@ -234,7 +235,7 @@ class TestSourceOldVersions:
         )
 
     def test_v2_no_connection_id_and_a_second_connection_replaces_the_first(self) -> None:
-        src = TunnelSession(Role.SOURCE, version=2)
+        src = TunnelSession(Mode.SOURCE, version=2)
         first, second, http = ref("SSH1", 1, 1), ref("SSH1", 2, 1), ref("HTTP1", 3, 1)
         assert (
             Playbook(src)
@@ -561,10 +562,10 @@ class TestResets:
         )
         assert dst.open_connections() == [http]
 
-    @pytest.mark.parametrize("role", list(Role))
-    def test_session_reset_closes_everything(self, role: Role) -> None:
+    @pytest.mark.parametrize("role", list(Mode))
+    def test_session_reset_closes_everything(self, role: Mode) -> None:
         session = TunnelSession(role)
-        if role is Role.SOURCE:
+        if role is Mode.SOURCE:
             setup = (
                 Playbook(session)
                 >> Open("SSH1", ref("SSH1", 1, 1))
@@ -782,8 +783,8 @@ class TestLocalApi:
 
 @pytest.mark.parametrize("version", [1, 2, 3])
 def test_source_and_destination_exchange_bytes(version: int) -> None:
-    source = TunnelSession(Role.SOURCE, version=version)
-    destination = TunnelSession(Role.DESTINATION)
+    source = TunnelSession(Mode.SOURCE, version=version)
+    destination = TunnelSession(Mode.DESTINATION)
     link = Link(source, destination)
     link.service_says(service_ids("SSH1", "HTTP1"))
     link.run()
@@ -829,6 +830,6 @@ def test_the_playbook_itself_reports_mismatches(dst: TunnelSession) -> None:
     with pytest.raises(AssertionError, match=r"(?s)<< OpenLocal.*produced:.*connection_id=1"):
         assert Playbook(dst) >> stream_start(1) << OpenLocal(ref("SSH1", 1, 2))
     with pytest.raises(AssertionError, match="produced"):
-        assert Playbook(TunnelSession(Role.DESTINATION)) >> stream_start(1)  # unexpected output
+        assert Playbook(TunnelSession(Mode.DESTINATION)) >> stream_start(1)  # unexpected output
     with pytest.raises(AssertionError, match="produced"):
-        assert Playbook(TunnelSession(Role.DESTINATION)) >> stream_start(0) << Err("other text")
+        assert Playbook(TunnelSession(Mode.DESTINATION)) >> stream_start(0) << Err("other text")

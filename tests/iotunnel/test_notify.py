@@ -1,4 +1,4 @@
-"""agent.notify: payload -> Notification or Rejection; agent.topics."""
+"""iotunnel.notify: payload -> Notification or Rejection, Notification -> payload; the topic."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from agent.notify import MAX_PAYLOAD, Notification, Rejection, parse
-from agent.topics import notify_topic
+from iotunnel.notify import MAX_PAYLOAD, Notification, Rejection, notify_topic, parse
+from iotunnel.secret import Secret
 
 TOKEN = "AQGAAXiT2bY7-secret-destination-token-0123456789"
 MAPPED = {"HTTP1", "SSH1"}
@@ -251,3 +251,15 @@ def test_notify_topic() -> None:
     for bad in ("", "a/b", "a+", "#", "x" * 129):
         with pytest.raises(ValueError, match="not a thing name"):
             notify_topic(bad)
+
+
+def test_payload_round_trips_through_parse() -> None:
+    built = Notification(Secret(TOKEN), "eu-west-1", ("SSH1", "HTTP1"))
+    assert json.loads(built.payload()) == {
+        "clientAccessToken": TOKEN,
+        "clientMode": "destination",
+        "region": "eu-west-1",
+        "services": ["SSH1", "HTTP1"],
+    }
+    assert parse(built.payload(), MAPPED) == built
+    assert TOKEN not in repr(built)

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from proxy.boundedjson import JSONInputError, loads
+from iotunnel.boundedjson import JSONInputError, loads
 
 
 def test_parses_ordinary_documents() -> None:

@@ -1,45 +1,56 @@
-"""Pure: a tunnel notification's MQTT payload -> :class:`Notification`, or a :class:`Rejection`.
+"""The tunnel notification: its MQTT topic and payload, built (service) and parsed (agent).
 
-AWS IoT publishes on ``$aws/things/<thing>/tunnels/notify``::
+AWS IoT (or the self-hosted service) publishes on ``$aws/things/<thing>/tunnels/notify``, QoS 1::
 
     {"clientAccessToken": "...", "clientMode": "destination", "region": "us-east-1",
      "services": ["HTTP1", "SSH1"]}
 
-A notification is accepted only for ``clientMode == "destination"``, with a non-empty token and
-region, and with only services that the local mapping directory maps. The payload is read with
-:func:`proxy.boundedjson.loads` (at most :data:`MAX_PAYLOAD` bytes, :data:`MAX_DEPTH` levels), so
-no payload raises: every problem is a :class:`Rejection`. Its reason is one line, safe to log: it
-never contains the token (not even when the token is repeated in another field), and quotes other
-fields only shortened.
+:meth:`Notification.payload` writes exactly these four fields. :func:`parse` accepts a payload
+only for ``clientMode == "destination"``, with a non-empty token and region, and with only
+services that the local mapping directory maps. The payload is read with
+:func:`iotunnel.boundedjson.loads` (at most :data:`MAX_PAYLOAD` bytes, :data:`MAX_DEPTH` levels),
+so no payload raises: every problem is a :class:`Rejection`. Its reason is one line, safe to log:
+it never contains the token (not even when the token is repeated in another field), and quotes
+other fields only shortened. The token is a :class:`~iotunnel.secret.Secret` both ways.
 """
 
 from __future__ import annotations
 
 import hashlib
-import re
+import json
 from collections.abc import Collection
 from dataclasses import dataclass
 
-from proxy.boundedjson import JSONInputError, loads
-from proxy.config import Secret
-from proxy.protocol.messages import SERVICE_ID_RE
+from iotunnel.boundedjson import JSONInputError, loads
+from iotunnel.mode import Mode
+from iotunnel.rules import HEADER_SAFE_RE, REGION_RE, SERVICE_ID_RE, THING_NAME_RE
+from iotunnel.secret import Secret
 
-__all__ = ["MAX_DEPTH", "MAX_PAYLOAD", "Notification", "Rejection", "parse"]
+__all__ = ["MAX_DEPTH", "MAX_PAYLOAD", "Notification", "Rejection", "notify_topic", "parse"]
 
 #: Larger payloads are rejected unread; a real one is about a kilobyte.
 MAX_PAYLOAD = 16 * 1024
 #: Deeper payloads are rejected unparsed; a real one is an object holding a list (2 levels).
 MAX_DEPTH = 4
-_REGION_RE = re.compile(r"[a-z0-9]+(?:-[a-z0-9]+)*")
-_HEADER_SAFE_RE = re.compile(r"[\x21-\x7e]+")
 _MAX_TOKEN = 8192
 _MAX_SERVICES = 16
 _SHOWN = 40
 
 
+def notify_topic(thing_name: str) -> str:
+    """The topic AWS IoT publishes a thing's tunnel notifications on.
+
+    Raises:
+        ValueError: ``thing_name`` is not a valid thing name.
+    """
+    if not THING_NAME_RE.fullmatch(thing_name):
+        raise ValueError(f"not a thing name: {thing_name!r}")
+    return f"$aws/things/{thing_name}/tunnels/notify"
+
+
 @dataclass(frozen=True, slots=True)
 class Notification:
-    """An accepted destination notification.
+    """A destination notification: what :func:`parse` accepts and :meth:`payload` builds.
 
     Attributes:
         token: The destination access token.
@@ -53,8 +64,19 @@ class Notification:
 
     def fingerprint(self) -> bytes:
         """A digest of all four fields: equal for an exact duplicate, never shown in logs."""
-        text = "\0".join(["destination", self.token.reveal(), self.region, *self.services])
+        text = "\0".join([Mode.DESTINATION, self.token.reveal(), self.region, *self.services])
         return hashlib.sha256(text.encode()).digest()
+
+    def payload(self) -> bytes:
+        """The JSON payload, exactly the four fields AWS sends."""
+        return json.dumps(
+            {
+                "clientAccessToken": self.token.reveal(),
+                "clientMode": Mode.DESTINATION.value,
+                "region": self.region,
+                "services": list(self.services),
+            }
+        ).encode()
 
     def describe(self) -> str:
         """Services and region, for logs (no token)."""
@@ -126,18 +148,18 @@ def _check(
     mode = document.get("clientMode")
     if mode is None:
         return Rejection("no clientMode")
-    if mode != "destination":
+    if mode != Mode.DESTINATION:
         return Rejection(f"clientMode is {shown(mode)}, not 'destination'")
 
     if not isinstance(token, str) or not token.strip():
         return Rejection("no clientAccessToken")
-    if len(token) > _MAX_TOKEN or not _HEADER_SAFE_RE.fullmatch(token):
+    if len(token) > _MAX_TOKEN or not HEADER_SAFE_RE.fullmatch(token):
         return Rejection("clientAccessToken has characters an HTTP header cannot carry")
 
     region = document.get("region")
     if not isinstance(region, str) or not region.strip():
         return Rejection("no region")
-    if not _REGION_RE.fullmatch(region):
+    if not REGION_RE.fullmatch(region):
         return Rejection(f"region {shown(region)} is not an AWS region name")
 
     services = document.get("services")
