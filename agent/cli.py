@@ -12,7 +12,16 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from agent.config import PROG, CheckOnly, CliExit, ConfigError, check_tls_files, load, summary
+from agent.config import (
+    PROG,
+    CheckOnly,
+    CliExit,
+    ConfigError,
+    check_tls_files,
+    load,
+    state_dir_problem,
+    summary,
+)
 from agent.logs import configure
 from agent.systemd import Notifier
 
@@ -53,6 +62,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     settings = loaded.settings if isinstance(loaded, CheckOnly) else loaded
     problem = tls_problem(settings)
+    if problem is None and isinstance(loaded, CheckOnly):
+        problem = state_dir_problem(settings.state_dir)
     if problem is not None:
         print(f"{PROG}: error: {problem}", file=sys.stderr)
         notifier.close()
