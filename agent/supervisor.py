@@ -222,9 +222,15 @@ class Supervisor:
             return [Log(logging.INFO, f"duplicate of {notification.describe()}; not resumed", tag)]
         if tag in self._tunnels:
             return [Log(logging.WARNING, "a tunnel with this tag runs already; not resumed", tag)]
-        refused = self._refused(notification)
-        if refused:
-            return refused
+        if self.shutting_down or self.active >= self.max_tunnels:
+            return [
+                Log(
+                    logging.WARNING,
+                    f"the tunnel for {notification.describe()} is not resumed: {self.active} "
+                    f"tunnels already run (max_tunnels = {self.max_tunnels})",
+                    tag,
+                )
+            ]
         self._counter = max(self._counter, int(tag.removeprefix("t")))
         self._tunnels[tag] = _Tunnel(tag, notification, client_token)
         return [
