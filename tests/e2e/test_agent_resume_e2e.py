@@ -28,6 +28,7 @@ from test_agent_e2e import (  # the agent's harness: broker, settings, helpers
     open_tunnel,
 )
 
+from bench import resume
 from testbed.clients import echo_roundtrips
 from testbed.harness import Proc, Stack, Tunnel
 from testbed.pki import PKI
@@ -181,3 +182,37 @@ def test_a_killed_agent_resumes_within_max_tunnels_and_skips_a_corrupt_file(
     assert echo_until_ok(source.ports["SSH1"]) == 3
     assert source.proc.popen.poll() is None
     assert again.popen.poll() is None
+
+
+def test_a_tunnel_closed_while_the_agent_was_down_is_dropped_at_resume(
+    device: Device, stack: Stack, pki: PKI
+) -> None:
+    pytest.importorskip("awscli", reason="the AWS CLI (test extra) is not installed")
+    _, service_port, api_port = stack.control_plane(
+        pki, device.broker_port, pki.issue_client("iotunnel-service")
+    )
+    _, echo_port = stack.echo_server()
+    configure(device, service_port, {"SSH1": echo_port})
+    agent = device.start_agent()
+    opened = open_tunnel(api_port, pki, "SSH1")
+    [(tag, _)] = device.wait_started(1)
+    agent.wait_for(rf"\[{tag}\] proxy.link: connected to the tunnel service")
+    assert agent.stop(signal.SIGTERM) == 0
+    aws_cli(api_port, pki.ca.cert, "close-tunnel", "--tunnel-id", str(opened["tunnelId"]))
+    assert list(kept(device)) == [tag]
+
+    again = restart_agent(device, "agent-restarted")
+    again.wait_for(rf"\[{tag}\] resuming the tunnel for SSH1")
+    again.wait_for(rf"\[{tag}\] the tunnel service refused the token \(proxy exit code 3\)")
+    assert kept(device) == {}
+    assert again.popen.poll() is None
+
+
+def test_the_resume_gap_benchmark_runs(tmp_path: Path) -> None:
+    """``python -m bench.resume``, one run of each kind: it restarts the agent and the same
+    source proxy serves again (the figures are not checked here)."""
+    results = resume.measure(tmp_path / "bench", 1)
+    for kind in ("sigterm", "sigkill"):
+        [run] = results[kind]["runs"]
+        assert 0 < run["old_agent_gone"] <= run["resuming"] <= run["serving_again"]
+    assert results["source_proxy_restarted"] is False
