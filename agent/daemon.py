@@ -96,7 +96,7 @@ class Agent:
         try:
             async with asyncio.TaskGroup() as tg:
                 self._tg = tg
-                self._resume()
+                self._resume_safely()
                 background = [
                     tg.create_task(self._mqtt_events(link), name="agent.mqtt_events"),
                     tg.create_task(watchdog_pings(self.notifier), name="agent.watchdog"),
@@ -131,6 +131,14 @@ class Agent:
             log.error("proxies still running after %.0f s; killing them", STOP_GRACE + 5)
 
     # ------------------------------------------------------------------ state directory
+
+    def _resume_safely(self) -> None:
+        """The boundary: whatever a kept tunnel holds, the agent starts (a crash here would
+        repeat at every restart until systemd gives up)."""
+        try:
+            self._resume()
+        except Exception as exc:
+            log.error("cannot resume the kept tunnels: internal error (%s)", type(exc).__name__)
 
     def _resume(self) -> None:
         """Start the tunnels kept in the state directory, before any notification is read: a

@@ -3,21 +3,29 @@ supervisor's resumed tunnels, and ``--check`` of ``state_dir``."""
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import json
 import logging
 import os
+import signal
 import stat
+from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 from agent_files import DeviceFiles
+from test_agent_daemon import agent_settings
 
-from agent import cli
+from agent import cli, daemon
 from agent import state as state_module
+from agent.logs import TAG, Redactor
 from agent.notify import Notification
 from agent.state import StateStore
 from agent.supervisor import Log, StartProxy, Supervisor
+from agent.systemd import Notifier
 from proxy.config import Secret
 from testbed.pki import PKI
 
@@ -307,3 +315,160 @@ def test_check_refuses_a_state_dir_that_cannot_be_used(
         locked.mkdir(mode=0o500)
         code, out, err = check(device, pki, locked, capsys)
         assert (code, err) == (2, f"iotunnel-agent: error: state_dir: {locked}: not writable\n")
+
+
+# --------------------------------------------------------------------------- the daemon
+
+
+class FakeChild:
+    """Stands in for :class:`agent.proxy_runner.ProxyChild`: exits with ``EXIT`` at once, or
+    (``EXIT is None``) runs until stopped."""
+
+    EXIT: int | None = None
+    started: ClassVar[list[FakeChild]] = []
+
+    def __init__(self, tag: str, argv: list[str], env: dict[str, str], **_: object) -> None:
+        self.tag, self.argv, self.env = tag, argv, env
+        self.streams: list[object] = []
+        self._stopped = asyncio.Event()
+        FakeChild.started.append(self)
+
+    async def run(self) -> tuple[int, float]:
+        if self.EXIT is not None:
+            return self.EXIT, 0.0
+        await self._stopped.wait()
+        return -signal.SIGTERM, 1.0
+
+    def stop(self) -> None:
+        self._stopped.set()
+
+
+@pytest.fixture
+def fake_children(monkeypatch: pytest.MonkeyPatch) -> type[FakeChild]:
+    monkeypatch.setattr(daemon, "ProxyChild", FakeChild)
+    monkeypatch.setattr(FakeChild, "started", [])
+    return FakeChild
+
+
+def payload(token: str = TOKEN) -> bytes:
+    document = {
+        "clientAccessToken": token,
+        "clientMode": "destination",
+        "region": "us-east-1",
+        "services": ["SSH1"],
+    }
+    return json.dumps(document).encode()
+
+
+async def until(condition: Callable[[], bool]) -> None:
+    """Poll a condition of the supervisor (it has no event to await)."""
+    async with asyncio.timeout(30):
+        while not condition():  # noqa: ASYNC110
+            await asyncio.sleep(0.01)
+
+
+def test_a_stopped_agent_keeps_the_tunnel_and_the_next_one_resumes_it(
+    device: DeviceFiles,
+    fake_children: type[FakeChild],
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    settings = replace(agent_settings(device), state_dir=tmp_path / "state")
+    store = StateStore(settings.state_dir)
+
+    async def first_run() -> None:
+        agent = daemon.Agent(settings, Notifier(None), {}, Redactor())
+        async with asyncio.TaskGroup() as tg:
+            agent._tg = tg
+            agent._resume_safely()
+            agent._on_message(settings.topic, payload())
+            [child] = fake_children.started
+            assert os.listdir(settings.state_dir) == ["tunnel-t1.json"]
+            assert mode(store.path("t1")) == 0o600
+            [saved] = store.load(MAPPED).tunnels
+            assert saved.client_token.reveal() == child.env["AWSIOT_TUNNEL_CLIENT_TOKEN"]
+            agent._carry_out(agent.supervisor.shutdown())  # SIGTERM
+            await until(lambda: agent.supervisor.idle)
+
+    async def second_run() -> None:
+        agent = daemon.Agent(settings, Notifier(None), {}, Redactor())
+        async with asyncio.TaskGroup() as tg:
+            agent._tg = tg
+            agent._resume_safely()
+            assert [c.tag for c in fake_children.started] == ["t1", "t1"]
+            agent._on_message(settings.topic, payload())  # the broker redelivers it
+            agent._on_message(settings.topic, payload("another-token"))
+            assert [c.tag for c in fake_children.started] == ["t1", "t1", "t2"]
+            agent._carry_out(agent.supervisor.shutdown())
+            await until(lambda: agent.supervisor.idle)
+
+    with caplog.at_level(logging.DEBUG, logger="agent"):
+        asyncio.run(first_run())
+        assert os.listdir(settings.state_dir) == ["tunnel-t1.json"]
+        asyncio.run(second_run())
+    first, resumed = fake_children.started[:2]
+    for name in ("AWSIOT_TUNNEL_ACCESS_TOKEN", "AWSIOT_TUNNEL_CLIENT_TOKEN"):
+        assert resumed.env[name] == first.env[name]
+    [resuming] = [r for r in caplog.records if r.getMessage().startswith("resuming")]
+    assert resuming.getMessage() == "resuming the tunnel for SSH1 (region us-east-1)"
+    assert getattr(resuming, TAG) == "t1"
+    assert "duplicate notification for SSH1 (region us-east-1)" in caplog.text
+    assert sorted(os.listdir(settings.state_dir)) == ["tunnel-t1.json", "tunnel-t2.json"]
+    assert TOKEN not in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("code", "why"),
+    [(0, "closed by the service"), (3, "refused the token"), (1, "giving up on this tunnel")],
+)
+def test_the_file_goes_when_the_tunnel_ends(
+    device: DeviceFiles,
+    fake_children: type[FakeChild],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    code: int,
+    why: str,
+) -> None:
+    settings = replace(agent_settings(device), state_dir=tmp_path / "state")
+    monkeypatch.setattr(FakeChild, "EXIT", code)
+
+    async def scenario() -> None:
+        agent = daemon.Agent(settings, Notifier(None), {}, Redactor())
+        agent.supervisor = Supervisor(4, backoff_base=0.001, backoff_cap=0.001)
+        async with asyncio.TaskGroup() as tg:
+            agent._tg = tg
+            agent._resume_safely()
+            agent._on_message(settings.topic, payload())
+            await until(lambda: agent.supervisor.idle)
+
+    with caplog.at_level(logging.DEBUG, logger="agent"):
+        asyncio.run(scenario())
+    assert why in caplog.text
+    assert os.listdir(settings.state_dir) == []
+
+
+def test_an_unusable_state_dir_is_one_warning_and_tunnels_still_run(
+    device: DeviceFiles,
+    fake_children: type[FakeChild],
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    a_file = tmp_path / "a-file"
+    a_file.write_text("")
+    settings = replace(agent_settings(device), state_dir=a_file)
+
+    async def scenario() -> None:
+        agent = daemon.Agent(settings, Notifier(None), {}, Redactor())
+        async with asyncio.TaskGroup() as tg:
+            agent._tg = tg
+            agent._resume_safely()
+            agent._on_message(settings.topic, payload())
+            agent._carry_out(agent.supervisor.shutdown())
+            await until(lambda: agent.supervisor.idle)
+
+    with caplog.at_level(logging.DEBUG, logger="agent"):
+        asyncio.run(scenario())
+    assert len(fake_children.started) == 1
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warnings == [f"state_dir: {a_file}: File exists; tunnels will not survive a restart"]
