@@ -12,7 +12,15 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from agent.config import PROG, CheckOnly, CliExit, check_tls_files, load, summary
+from agent.config import (
+    PROG,
+    CheckOnly,
+    CliExit,
+    check_tls_files,
+    load,
+    state_dir_problem,
+    summary,
+)
 from agent.logs import configure
 from agent.systemd import Notifier
 from iotunnel.cli import fail
@@ -51,6 +59,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     settings = loaded.settings if isinstance(loaded, CheckOnly) else loaded
     problem = tls_problem(settings)
+    if problem is None and isinstance(loaded, CheckOnly):
+        problem = state_dir_problem(settings.state_dir)
     if problem is not None:
         notifier.close()
         return fail(PROG, problem)

@@ -39,6 +39,7 @@ from proxy.config import read_config_text, read_mapping_dir
 __all__ = [
     "DEFAULT_CONFIG",
     "DEFAULT_MAPPING_DIR",
+    "DEFAULT_STATE_DIR",
     "ENV_CONFIG",
     "KEYS",
     "PROG",
@@ -47,6 +48,7 @@ __all__ = [
     "CliExit",
     "check_tls_files",
     "load",
+    "state_dir_problem",
     "summary",
 ]
 
@@ -55,6 +57,9 @@ PROG = "iotunnel-agent"
 DEFAULT_CONFIG = "/etc/iotunnel/agent.ini"
 #: The service-ID mapping directory handed to every destination proxy.
 DEFAULT_MAPPING_DIR = "/etc/iotunnel/destination.d"
+#: Where running tunnels are kept, so that a restarted agent resumes them (the unit's
+#: ``StateDirectory=iotunnel``).
+DEFAULT_STATE_DIR = "/var/lib/iotunnel"
 ENV_CONFIG = "IOTUNNEL_CONFIG"
 ENV_PREFIX = "IOTUNNEL_"
 SECTION = "agent"
@@ -88,6 +93,7 @@ class AgentSettings:
         max_tunnels: How many tunnels may run at once.
         log_level: A :mod:`logging` level.
         config_file: The settings file that was read, if any.
+        state_dir: Where running tunnels are kept (:mod:`agent.state`), for a restart.
     """
 
     endpoint: str
@@ -103,6 +109,7 @@ class AgentSettings:
     max_tunnels: int
     log_level: int
     config_file: Path | None
+    state_dir: Path = Path(DEFAULT_STATE_DIR)
 
     @property
     def topic(self) -> str:
@@ -155,6 +162,7 @@ KEYS: tuple[_Key, ...] = (
     _Key("tunnel_endpoint", "URL", "tunnel service instead of the notified region (self-hosted)"),
     _Key("tunnel_ca", "FILE", "CA certificates of the tunnel service (with tunnel_endpoint)"),
     _Key("max_tunnels", "N", "tunnels (destination proxies) at once, 1..64", "4"),
+    _Key("state_dir", "DIR", "running tunnels, resumed after a restart", DEFAULT_STATE_DIR),
     _Key("log_level", "LEVEL", "debug, info, warning or error", "info"),
 )
 _KEYS_BY_NAME = {key.name: key for key in KEYS}
@@ -403,8 +411,27 @@ def summary(settings: AgentSettings) -> str:
     return (
         f"{PROG}: configuration OK: {settings.client_id} at {settings.endpoint}:{settings.port}, "
         f"topic {settings.topic}, mappings in {settings.mapping_dir}, tunnels via {service}, "
-        f"at most {settings.max_tunnels} at once\n"
+        f"at most {settings.max_tunnels} at once, state in {settings.state_dir}\n"
     )
+
+
+def state_dir_problem(path: Path) -> str | None:
+    """Why the agent could not keep its tunnels in ``path``, or ``None``: it must be a
+    writable directory, or one the agent can create (its nearest existing parent is one)."""
+    if path.exists():
+        if not path.is_dir():
+            return f"state_dir: {path}: not a directory"
+        if not os.access(path, os.W_OK | os.X_OK):
+            return f"state_dir: {path}: not writable"
+        return None
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        return f"state_dir: {path}: cannot be created: {parent} is not a directory"
+    if not os.access(parent, os.W_OK | os.X_OK):
+        return f"state_dir: {path}: cannot be created: {parent} is not writable"
+    return None
 
 
 # --------------------------------------------------------------------------- TLS files
@@ -556,6 +583,7 @@ def load(
         max_tunnels=required("max_tunnels", _max_tunnels),
         log_level=required("log_level", _log_level),
         config_file=config_file,
+        state_dir=required("state_dir", _path),
     )
     if namespace.check:
         return CheckOnly(settings)

@@ -8,7 +8,10 @@ is a boundary: whatever it raises is one error line (the exception's type, never
 message is dropped; the agent and its tunnels go on.
 
 SIGTERM and SIGINT: STOPPING=1, stop every child (SIGTERM, then SIGKILL after a grace period),
-disconnect from the broker, exit 0.
+disconnect from the broker, exit 0. The running tunnels stay in the state directory
+(:mod:`agent.state`): at its next start, before it connects to the broker, the agent resumes
+them with their tokens. A tunnel's file is written before its first proxy starts and removed
+when the tunnel ends (exit 0, 2 or 3, or given up); a stop or a crash of the agent keeps it.
 """
 
 from __future__ import annotations
@@ -16,12 +19,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import time
 from collections.abc import Mapping
 
 from agent.config import AgentSettings
 from agent.logs import Redactor, tagged
 from agent.mqtt import Connected, ConnectFailed, Disconnected, Message, MqttLink
 from agent.proxy_runner import ProxyChild, child_argv, child_environment
+from agent.state import StateStore
 from agent.supervisor import (
     Action,
     CancelRestart,
@@ -81,6 +86,8 @@ class Agent:
         self._secrets: dict[str, tuple[str, str]] = {}
         self._status_changed = asyncio.Event()
         self._all_stopped = asyncio.Event()
+        self.store: StateStore | None = StateStore(settings.state_dir)
+        self._kept: set[str] = set()  #: tags whose file is in the state directory
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -90,6 +97,7 @@ class Agent:
         try:
             async with asyncio.TaskGroup() as tg:
                 self._tg = tg
+                self._resume_safely()
                 background = [
                     tg.create_task(self._mqtt_events(link), name="agent.mqtt_events"),
                     tg.create_task(watchdog_pings(self.notifier), name="agent.watchdog"),
@@ -122,6 +130,86 @@ class Agent:
                 await self._all_stopped.wait()
         except TimeoutError:
             log.error("proxies still running after %.0f s; killing them", STOP_GRACE + 5)
+
+    # ------------------------------------------------------------------ state directory
+
+    def _resume_safely(self) -> None:
+        """The boundary: whatever a kept tunnel holds, the agent starts (a crash here would
+        repeat at every restart until systemd gives up)."""
+        try:
+            self._resume()
+        except Exception as exc:
+            log.error("cannot resume the kept tunnels: internal error (%s)", type(exc).__name__)
+
+    def _resume(self) -> None:
+        """Start the tunnels kept in the state directory, before any notification is read: a
+        redelivered notification of one of them is then a duplicate."""
+        assert self.store is not None
+        directory = self.settings.state_dir
+        try:
+            self.store.prepare()
+        except OSError as exc:
+            log.warning(
+                "state_dir: %s: %s; tunnels will not survive a restart",
+                directory,
+                exc.strerror or exc,
+            )
+            self.store = None
+            return
+        try:
+            mappings = read_mapping_dir(self.settings.mapping_dir, mode=Mode.DESTINATION)
+        except ConfigError as exc:
+            log.error("cannot resume tunnels: cannot read the service mappings: %s", exc)
+            return
+        mapped = {m.service_id for m in mappings}
+        loaded = self.store.load(mapped, mapping_dir=str(self.settings.mapping_dir))
+        for problem in loaded.problems:
+            log.warning("%s", problem)
+        for saved in loaded.tunnels:
+            self._kept.add(saved.tag)
+            self._carry_out(
+                self.supervisor.resumed(saved.tag, saved.notification, saved.client_token)
+            )
+            if self.supervisor.state(saved.tag) is None:
+                self._drop_state(saved.tag)
+        if loaded.tunnels:
+            log.info(
+                "resumed %d of %d tunnel(s) kept in %s",
+                len(self._kept),
+                len(loaded.tunnels),
+                directory,
+            )
+
+    def _keep_state(self, action: StartProxy) -> None:
+        """Write the tunnel's file, once; a failure costs only its survival of a restart."""
+        if self.store is None or action.tag in self._kept:
+            return
+        try:
+            self.store.save(action.tag, action.notification, action.client_token, time.time())
+        except OSError as exc:
+            log.warning(
+                "cannot keep the tunnel in %s: %s; it will not survive a restart",
+                self.settings.state_dir,
+                exc.strerror or exc,
+                extra=tagged(action.tag),
+            )
+            return
+        self._kept.add(action.tag)
+
+    def _drop_state(self, tag: str) -> None:
+        """The tunnel is over: remove its file."""
+        if self.store is None or tag not in self._kept:
+            return
+        self._kept.discard(tag)
+        try:
+            self.store.remove(tag)
+        except OSError as exc:
+            log.error(
+                "cannot remove the tunnel's file from %s: %s",
+                self.settings.state_dir,
+                exc.strerror or exc,
+                extra=tagged(tag),
+            )
 
     # ------------------------------------------------------------------ MQTT
 
@@ -238,6 +326,7 @@ class Agent:
             self._secrets[action.tag] = (token.reveal(), client.reveal())
             self.redactor.add(token.reveal())
             self.redactor.add(client.reveal())
+        self._keep_state(action)
         child = ProxyChild(
             action.tag,
             child_argv(self.settings, action.notification),
@@ -257,6 +346,8 @@ class Agent:
         self._carry_out(self.supervisor.child_exited(child.tag, code, uptime))
         if self.supervisor.state(child.tag) is None:
             self._forget(child.tag)
+            if not self.supervisor.shutting_down:  # a stopping agent keeps it for its next start
+                self._drop_state(child.tag)
         if self.supervisor.shutting_down and self.supervisor.idle:
             self._all_stopped.set()
 

@@ -7,7 +7,9 @@ shutdown) and carries out the :data:`Action` list each call returns, in order.
 One notification, one tunnel, one child proxy. The rules:
 
 - an exact duplicate of a recent notification (all four fields equal: QoS 1 redelivery) is
-  ignored;
+  ignored; a tunnel resumed after a restart (:meth:`Supervisor.resumed`) counts as notified,
+  so that the broker's redelivery of its notification to the persistent session is a
+  duplicate too;
 - every other notification is a tunnel of its own, even when it names the same services as a
   running one: a notification carries no tunnel id, so two operators' tunnels to the same
   services cannot be told from a token rotation, and a running tunnel is never stopped because
@@ -195,13 +197,55 @@ class Supervisor:
 
     def notified(self, notification: Notification) -> list[Action]:
         """A valid notification arrived."""
+        if not self._first_time(notification):
+            return [Log(logging.INFO, f"duplicate notification for {notification.describe()}")]
+        refused = self._refused(notification)
+        if refused:
+            return refused
+        self._counter += 1
+        tunnel = _Tunnel(f"t{self._counter}", notification, Secret(self._new_client_token()))
+        self._tunnels[tunnel.tag] = tunnel
+        return [
+            Log(logging.INFO, f"new tunnel for {notification.describe()}", tunnel.tag),
+            StartProxy(tunnel.tag, notification, tunnel.client_token, 0),
+        ]
+
+    def resumed(self, tag: str, notification: Notification, client_token: Secret) -> list[Action]:
+        """A tunnel that ran before the agent restarted: it keeps its tag (``t<N>``) and client
+        token, and later tunnels are numbered after it. The rules of :meth:`notified` apply."""
+        if not self._first_time(notification):
+            return [Log(logging.INFO, f"duplicate of {notification.describe()}; not resumed", tag)]
+        if tag in self._tunnels:
+            return [Log(logging.WARNING, "a tunnel with this tag runs already; not resumed", tag)]
+        if self.shutting_down or self.active >= self.max_tunnels:
+            return [
+                Log(
+                    logging.WARNING,
+                    f"the tunnel for {notification.describe()} is not resumed: {self.active} "
+                    f"tunnels already run (max_tunnels = {self.max_tunnels})",
+                    tag,
+                )
+            ]
+        self._counter = max(self._counter, int(tag.removeprefix("t")))
+        self._tunnels[tag] = _Tunnel(tag, notification, client_token)
+        return [
+            Log(logging.INFO, f"resuming the tunnel for {notification.describe()}", tag),
+            StartProxy(tag, notification, client_token, 0),
+        ]
+
+    def _first_time(self, notification: Notification) -> bool:
+        """Remember the notification; False when it is a duplicate of a recent one."""
         fingerprint = notification.fingerprint()
         if fingerprint in self._seen:
             self._seen.move_to_end(fingerprint)
-            return [Log(logging.INFO, f"duplicate notification for {notification.describe()}")]
+            return False
         self._seen[fingerprint] = None
         while len(self._seen) > self._remember:
             self._seen.popitem(last=False)
+        return True
+
+    def _refused(self, notification: Notification) -> list[Action]:
+        """Why a new tunnel cannot start now, or nothing."""
         if self.shutting_down:
             return [Log(logging.WARNING, "shutting down: notification ignored")]
         if self.active >= self.max_tunnels:
@@ -212,13 +256,7 @@ class Supervisor:
                     f"{self.active} tunnels already run (max_tunnels = {self.max_tunnels})",
                 )
             ]
-        self._counter += 1
-        tunnel = _Tunnel(f"t{self._counter}", notification, Secret(self._new_client_token()))
-        self._tunnels[tunnel.tag] = tunnel
-        return [
-            Log(logging.INFO, f"new tunnel for {notification.describe()}", tunnel.tag),
-            StartProxy(tunnel.tag, notification, tunnel.client_token, 0),
-        ]
+        return []
 
     def child_exited(self, tag: str, code: int, uptime: float) -> list[Action]:
         """The tunnel's child exited with ``code`` after running ``uptime`` seconds."""

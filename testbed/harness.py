@@ -354,7 +354,9 @@ class Stack:
 
 
 def agent_ini(path: Path, settings: Mapping[str, object]) -> Path:
-    """Write an agent settings file with these ``[agent]`` keys."""
+    """Write an agent settings file with these ``[agent]`` keys; ``state_dir`` defaults to
+    ``state`` next to the file (never the system's ``/var/lib/iotunnel``)."""
+    settings = {"state_dir": path.parent / "state", **settings}
     lines = ["[agent]", *(f"{key} = {value}" for key, value in settings.items()), ""]
     path.write_text("\n".join(lines))
     return path

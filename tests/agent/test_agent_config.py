@@ -323,6 +323,9 @@ def test_check_reports_unreadable_tls_files_as_another_user_would_see_them(pki: 
             files[name].chmod(0o644)
         mappings = top / "destination.d"
         mappings.mkdir(mode=0o755)
+        state = top / "state"
+        state.mkdir()
+        state.chmod(0o777)
         (mappings / "SSHDestination.ini").write_text("SSH1 = 22\n")
         (mappings / "SSHDestination.ini").chmod(0o644)
         shutil.copyfile(pki.ca.cert, locked_file)
@@ -332,7 +335,7 @@ def test_check_reports_unreadable_tls_files_as_another_user_would_see_them(pki: 
             *as_nobody, sys.executable, "-m", "agent", "--check",
             "--endpoint", "127.0.0.1", "--client-id", "thing-1", "--mapping-dir", str(mappings),
             "--cert", str(files["cert"]), "--key", str(files["key"]),
-            "--tunnel-endpoint", "wss://127.0.0.1:4443",
+            "--tunnel-endpoint", "wss://127.0.0.1:4443", "--state-dir", str(state),
         ]  # fmt: skip
         env = {"PATH": os.environ.get("PATH", "")}  # no IOTUNNEL_*: flags only
 

@@ -153,7 +153,10 @@ def test_upgrade_keeps_the_edited_settings_then_remove_and_purge(
     if shutil.which("deb-systemd-helper"):
         assert str((root / MASK).readlink()) == "/dev/null"
 
-    # purge: /etc/iotunnel (settings, certificates, key) and the unit's traces go.
+    # purge: /etc/iotunnel (settings, certificates, key), the kept tunnels (their tokens) in
+    # /var/lib/iotunnel and the unit's traces go.
+    (root / "var/lib/iotunnel").mkdir(mode=0o700, parents=True, exist_ok=True)
+    (root / "var/lib/iotunnel/tunnel-t1.json").write_text("{}")
     dpkg(root, "--purge", "iotunnel")
     assert status(root) == ""
     assert not (root / "etc/iotunnel").exists()

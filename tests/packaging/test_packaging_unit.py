@@ -56,6 +56,7 @@ def test_the_unit_runs_unprivileged_and_hardened() -> None:
     d = directives()
     assert d["User"] == ["iotunnel"]
     assert d["StateDirectory"] == ["iotunnel"]
+    assert d["StateDirectoryMode"] == ["0700"]  # the kept tunnels hold tokens
     assert d["ConfigurationDirectory"] == ["iotunnel"]
     assert d["CapabilityBoundingSet"] == [""]
     assert d["AmbientCapabilities"] == [""]
