@@ -13,7 +13,7 @@ start (never readable by anyone else, not even for a moment), written, ``fsync``
 over the final name, and the directory ``fsync``-ed. It is removed when the tunnel ends (the
 service closed it, refused its token, or its proxy was given up).
 
-Reading is the boundary: every file is read through :func:`proxy.boundedjson.loads` and the
+Reading is the boundary: every file is read through :func:`iotunnel.boundedjson.loads` and the
 notification's own checks (:func:`iotunnel.notify.parse`, against today's mapping directory). A
 file that cannot be read is skipped (and kept); one that is not a valid tunnel is removed. Each
 problem is one line that names the file, never its content.

@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import ClassVar
 
 import pytest
-from agent.notify import Notification
 from agent_files import DeviceFiles
 from test_agent_daemon import agent_settings
 
@@ -26,7 +25,8 @@ from agent.logs import TAG, Redactor
 from agent.state import StateStore
 from agent.supervisor import Log, StartProxy, Supervisor
 from agent.systemd import Notifier
-from proxy.config import Secret
+from iotunnel.notify import Notification
+from iotunnel.secret import Secret
 from testbed.pki import PKI
 
 TOKEN = "access-token-that-must-never-be-quoted-" + "x" * 40
