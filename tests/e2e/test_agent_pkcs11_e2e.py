@@ -2,13 +2,17 @@
 device's private key, the real agent logs in to it with the PIN handed over as a systemd
 credential (``$CREDENTIALS_DIRECTORY/pkcs11-pin``), opens its MQTT session to a real mosquitto
 that requires client certificates, and a tunnel notification starts a destination proxy that
-carries traffic through the tunnel service.
+carries traffic through the tunnel service. Once more under the unit's seccomp filter
+(``packaging/unit_sandbox.py``: MemoryDenyWriteExecute=, SystemCallFilter=, ...), which the
+PKCS#11 module, loaded into the agent with dlopen, must live with too.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -27,6 +31,8 @@ pytestmark = [
     pytest.mark.skipif(softhsm_missing() is not None, reason=str(softhsm_missing())),
 ]
 
+ROOT = Path(__file__).resolve().parents[2]
+SANDBOX = ROOT / "packaging" / "unit_sandbox.py"
 THING = "thing-hsm"
 TOPIC = f"$aws/things/{THING}/tunnels/notify"
 #: The token's user PIN: distinctive, so that finding it anywhere is no accident.
@@ -45,9 +51,20 @@ def command_lines() -> str:
     return "\n".join(lines)
 
 
+def sandbox_problem() -> str | None:
+    """Why the unit's seccomp filter cannot be installed here, or ``None``."""
+    done = subprocess.run(
+        [sys.executable, str(SANDBOX), "--check"], capture_output=True, text=True, timeout=120
+    )
+    return None if done.returncode == 0 else done.stderr.strip() or "unit_sandbox.py failed"
+
+
+@pytest.mark.parametrize("sandboxed", [False, True], ids=["plain", "unit-seccomp"])
 def test_the_key_in_softhsm_opens_the_mqtt_session_and_a_tunnel_runs(
-    stack: Stack, pki: PKI, tmp_path: Path
+    stack: Stack, pki: PKI, tmp_path: Path, sandboxed: bool
 ) -> None:
+    if sandboxed and (problem := sandbox_problem()) is not None:
+        pytest.skip(f"the unit's seccomp filter cannot be installed here: {problem}")
     device = pki.issue_client(THING)
     token = SoftToken.create(tmp_path / "softhsm", pin=PIN)
     token.import_key(device.key)
@@ -81,7 +98,14 @@ def test_the_key_in_softhsm_opens_the_mqtt_session_and_a_tunnel_runs(
         },
     )
     env = {**token.env, "CREDENTIALS_DIRECTORY": str(credentials)}
-    agent = stack.agent(ini, env=env)  # waits for "ready: waiting for tunnel notifications"
+    if sandboxed:  # the sandbox execs the agent: same pid, the filter inherited by children
+        argv = [sys.executable, str(SANDBOX), "--", sys.executable, "-m", "agent"]
+        agent = stack.start("agent", [*argv, "--config", str(ini)], env=env)
+        agent.wait_for("ready: waiting for tunnel notifications", timeout=30)
+        status = Path(f"/proc/{agent.popen.pid}/status").read_text()
+        assert "\nSeccomp:\t2\n" in status
+    else:
+        agent = stack.agent(ini, env=env)  # waits for "ready: waiting for tunnel notifications"
     assert agent.popen.poll() is None
     maps = Path(f"/proc/{agent.popen.pid}/maps").read_text()
     assert str(token.lib.resolve().name) in maps  # the key operations ran in SoftHSM
