@@ -8,9 +8,14 @@ environment, file, default. An empty value means "not set".
 
 Values are checked once, here: a bad one raises :class:`ConfigError` with one line that names
 where it came from (``agent.ini:7: port``, ``IOTUNNEL_PORT``, ``--port``). The file holds paths,
-never secrets, so values may be quoted in messages. Relative paths in the file are relative to
-the file's directory; on the command line and in the environment, to the working directory.
-Nothing here reads ``os.environ``: the environment is an argument.
+never secrets, so values may be quoted in messages (the PKCS#11 PIN is read from the file that
+``pkcs11_pin_file`` names and kept as a :class:`~proxy.config.Secret`). Relative paths in the
+file are relative to the file's directory; on the command line and in the environment, to the
+working directory. Nothing here reads ``os.environ``: the environment is an argument.
+
+The device key is either a PEM file (``key``) or an object in a PKCS#11 token (``pkcs11_lib``,
+``pkcs11_token_label`` or ``pkcs11_slot``, ``pkcs11_key_label``, and the user PIN in the file
+``pkcs11_pin_file``, by default the systemd credential ``$CREDENTIALS_DIRECTORY/pkcs11-pin``).
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from iotunnel.errors import ConfigError
 from iotunnel.mode import Mode
 from iotunnel.notify import notify_topic
 from iotunnel.rules import HOST_RE, THING_NAME_RE
+from iotunnel.secret import Secret
 from proxy import config as proxy_config
 from proxy.config import read_config_text, read_mapping_dir
 
@@ -42,10 +48,12 @@ __all__ = [
     "DEFAULT_STATE_DIR",
     "ENV_CONFIG",
     "KEYS",
+    "PIN_CREDENTIAL",
     "PROG",
     "AgentSettings",
     "CheckOnly",
     "CliExit",
+    "Pkcs11Key",
     "check_tls_files",
     "load",
     "state_dir_problem",
@@ -63,8 +71,14 @@ DEFAULT_STATE_DIR = "/var/lib/iotunnel"
 ENV_CONFIG = "IOTUNNEL_CONFIG"
 ENV_PREFIX = "IOTUNNEL_"
 SECTION = "agent"
+#: The systemd credential that holds the PKCS#11 user PIN (``LoadCredential=pkcs11-pin:FILE``).
+PIN_CREDENTIAL = "pkcs11-pin"
+ENV_CREDENTIALS = "CREDENTIALS_DIRECTORY"
+#: A PIN file larger than this is not a PIN file.
+_MAX_PIN_FILE = 1024
 
 _CLIENT_ID_RE = re.compile(r"[\x21-\x7e]{1,128}")
+_SLOT_RE = re.compile(r"[0-9]+|0[xX][0-9a-fA-F]+")
 _T = TypeVar("_T")
 _LEVELS = {
     "debug": logging.DEBUG,
@@ -72,6 +86,32 @@ _LEVELS = {
     "warning": logging.WARNING,
     "error": logging.ERROR,
 }
+
+
+@dataclass(frozen=True, slots=True)
+class Pkcs11Key:
+    """The device key as an object in a PKCS#11 token (a TPM, an HSM, SoftHSM).
+
+    Attributes:
+        lib: The token's PKCS#11 library (module), loaded into the agent.
+        token_label: The token's label, or ``None`` when :attr:`slot` picks the token.
+        slot: The id of the token's slot, or ``None`` when :attr:`token_label` picks it.
+        key_label: The label of the private key object.
+        pin_file: Where the user PIN was read from.
+        pin: The user PIN; only the MQTT client and ``--check`` reveal it, to awscrt.
+    """
+
+    lib: Path
+    token_label: str | None
+    slot: int | None
+    key_label: str
+    pin_file: Path
+    pin: Secret
+
+    def describe(self) -> str:
+        """The token and key, for messages: never the PIN."""
+        token = f"token {self.token_label!r}" if self.slot is None else f"slot {self.slot}"
+        return f"key {self.key_label!r} in PKCS#11 {token} ({self.lib})"
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,7 +124,7 @@ class AgentSettings:
         client_id: The MQTT client id.
         thing_name: The thing whose notifications are received (defaults to ``client_id``).
         cert: The device certificate (PEM).
-        key: The device certificate's private key (PEM).
+        key: The device certificate's private key (PEM), or ``None`` with :attr:`pkcs11`.
         root_ca: CA certificates that verify the broker, or ``None`` for the system's.
         mapping_dir: The service-ID mapping directory (``--config-dir`` of every proxy).
         tunnel_endpoint: The tunnel service to use instead of the notification's region
@@ -94,6 +134,7 @@ class AgentSettings:
         log_level: A :mod:`logging` level.
         config_file: The settings file that was read, if any.
         state_dir: Where running tunnels are kept (:mod:`agent.state`), for a restart.
+        pkcs11: The device key in a PKCS#11 token instead of :attr:`key`, or ``None``.
     """
 
     endpoint: str
@@ -101,7 +142,7 @@ class AgentSettings:
     client_id: str
     thing_name: str
     cert: Path
-    key: Path
+    key: Path | None
     root_ca: Path | None
     mapping_dir: Path
     tunnel_endpoint: str | None
@@ -110,6 +151,7 @@ class AgentSettings:
     log_level: int
     config_file: Path | None
     state_dir: Path = Path(DEFAULT_STATE_DIR)
+    pkcs11: Pkcs11Key | None = None
 
     @property
     def topic(self) -> str:
@@ -156,8 +198,18 @@ KEYS: tuple[_Key, ...] = (
     _Key("client_id", "ID", "MQTT client id (required)"),
     _Key("thing_name", "NAME", "thing whose tunnel notifications to receive (default: client_id)"),
     _Key("cert", "FILE", "device certificate, PEM (required)"),
-    _Key("key", "FILE", "private key of the device certificate, PEM (required)"),
+    _Key("key", "FILE", "private key of the device certificate, PEM (required without pkcs11_lib)"),
     _Key("root_ca", "FILE", "CA certificates of the broker, PEM (default: the system's)"),
+    _Key("pkcs11_lib", "FILE", "PKCS#11 library of the token that holds the key (instead of key)"),
+    _Key("pkcs11_token_label", "LABEL", "label of the PKCS#11 token (or pkcs11_slot)"),
+    _Key("pkcs11_slot", "ID", "slot id of the PKCS#11 token (or pkcs11_token_label)"),
+    _Key("pkcs11_key_label", "LABEL", "label of the private key in the PKCS#11 token"),
+    _Key(
+        "pkcs11_pin_file",
+        "FILE",
+        f"file holding the token's user PIN "
+        f"(default: ${ENV_CREDENTIALS}/{PIN_CREDENTIAL}, the systemd credential)",
+    ),
     _Key("mapping_dir", "DIR", "service-ID mapping directory", DEFAULT_MAPPING_DIR),
     _Key("tunnel_endpoint", "URL", "tunnel service instead of the notified region (self-hosted)"),
     _Key("tunnel_ca", "FILE", "CA certificates of the tunnel service (with tunnel_endpoint)"),
@@ -268,6 +320,49 @@ def _max_tunnels(given: _Given) -> int:
     if not text.isdigit() or not 1 <= int(text) <= 64:
         _fail(given, "expected a number 1..64")
     return int(text)
+
+
+def _label(limit: int) -> Callable[[_Given], str]:
+    """A PKCS#11 label: printable text of at most ``limit`` bytes in UTF-8."""
+
+    def convert(given: _Given) -> str:
+        text = given.value.strip()
+        if not text.isprintable() or len(text.encode()) > limit:
+            _fail(given, f"a label is 1..{limit} bytes of printable text")
+        return text
+
+    return convert
+
+
+def _slot(given: _Given) -> int:
+    text = given.value.strip()
+    if not _SLOT_RE.fullmatch(text) or int(text, 0 if text[:2].lower() == "0x" else 10) >> 64:
+        _fail(given, "a slot id is a number 0..2^64-1 (decimal, or hexadecimal with 0x)")
+    return int(text, 0 if text[:2].lower() == "0x" else 10)
+
+
+def _pin_file(given: _Given) -> tuple[Path, Secret]:
+    """The PIN file's path and the PIN in it (one line; the line end is not part of it).
+
+    Messages name the file, never what it holds.
+    """
+    path = _readable_file(given)
+    try:
+        with path.open("rb") as file:
+            data = file.read(_MAX_PIN_FILE + 1)
+    except OSError as exc:
+        _fail(given, f"cannot read: {exc.strerror or exc}")
+    if len(data) > _MAX_PIN_FILE:
+        _fail(given, f"larger than {_MAX_PIN_FILE} bytes: not a PIN file")
+    text = data.decode(errors="replace")
+    if "\ufffd" in text:  # raised inside an except block, the message would chain the bytes
+        _fail(given, "not UTF-8 text: not a PIN file")
+    pin = text.removesuffix("\n").removesuffix("\r")
+    if not pin:
+        _fail(given, "empty: the token's user PIN belongs in it")
+    if "\n" in pin or "\r" in pin:
+        _fail(given, "more than one line: only the token's user PIN belongs in it")
+    return path, Secret(pin)
 
 
 def _log_level(given: _Given) -> int:
@@ -402,16 +497,78 @@ def _settings_file(
     return Path(os.path.abspath(path)), _read_file(path, display)
 
 
+# --------------------------------------------------------------------------- PKCS#11
+
+#: The keys that only mean something with ``pkcs11_lib``.
+_PKCS11_KEYS = ("pkcs11_token_label", "pkcs11_slot", "pkcs11_key_label", "pkcs11_pin_file")
+
+
+def _pkcs11_key(
+    lib: _Given,
+    given: Callable[[str], _Given | None],
+    environ: Mapping[str, str],
+    base: Path,
+) -> Pkcs11Key:
+    """The PKCS#11 settings, ``pkcs11_lib`` given; the PIN read from its file."""
+    key = given("key")
+    if key is not None:
+        raise ConfigError(
+            f"key and pkcs11_lib are both set ({key.origin}; {lib.origin}): the device key is "
+            "either a PEM file or in a PKCS#11 token: unset one"
+        )
+    library = _readable_file(lib)
+    label, slot = given("pkcs11_token_label"), given("pkcs11_slot")
+    if label is not None and slot is not None:
+        raise ConfigError(
+            f"pkcs11_token_label and pkcs11_slot are both set ({label.origin}; {slot.origin}): "
+            "set one of them"
+        )
+    if label is None and slot is None:
+        raise ConfigError(
+            "pkcs11_lib is set but neither pkcs11_token_label nor pkcs11_slot: set one of them"
+        )
+    key_label = given("pkcs11_key_label")
+    if key_label is None:
+        raise ConfigError(
+            "pkcs11_lib is set but pkcs11_key_label is not: set the label of the private key"
+        )
+    pin = given("pkcs11_pin_file")
+    credentials = environ.get(ENV_CREDENTIALS, "").strip()
+    if pin is None and credentials:
+        pin = _Given(
+            os.path.join(credentials, PIN_CREDENTIAL),
+            f"pkcs11_pin_file (default: ${ENV_CREDENTIALS}/{PIN_CREDENTIAL})",
+            base,
+        )
+    if pin is None:
+        raise ConfigError(
+            "pkcs11_lib is set but pkcs11_pin_file is not: name the file that holds the token's "
+            f"user PIN, or hand it over as the systemd credential {PIN_CREDENTIAL} "
+            f"(LoadCredential={PIN_CREDENTIAL}:FILE)"
+        )
+    pin_file, secret = _pin_file(pin)
+    return Pkcs11Key(
+        lib=library,
+        token_label=None if label is None else _label(32)(label),
+        slot=None if slot is None else _slot(slot),
+        key_label=_label(255)(key_label),
+        pin_file=pin_file,
+        pin=secret,
+    )
+
+
 # --------------------------------------------------------------------------- load
 
 
 def summary(settings: AgentSettings) -> str:
     """What ``--check`` prints: the settings that matter, on one line."""
     service = settings.tunnel_endpoint or "the notified AWS region"
+    key = "" if settings.pkcs11 is None else f", {settings.pkcs11.describe()}"
     return (
-        f"{PROG}: configuration OK: {settings.client_id} at {settings.endpoint}:{settings.port}, "
-        f"topic {settings.topic}, mappings in {settings.mapping_dir}, tunnels via {service}, "
-        f"at most {settings.max_tunnels} at once, state in {settings.state_dir}\n"
+        f"{PROG}: configuration OK: {settings.client_id} at {settings.endpoint}:{settings.port}"
+        f"{key}, topic {settings.topic}, mappings in {settings.mapping_dir}, "
+        f"tunnels via {service}, at most {settings.max_tunnels} at once, "
+        f"state in {settings.state_dir}\n"
     )
 
 
@@ -487,28 +644,32 @@ def check_tls_files(settings: AgentSettings) -> None:
             denied``.
     """
     _certificates("cert", settings.cert)
-    data = _read_all("key", settings.key)
-    if b"PRIVATE KEY-----" not in data:
-        raise ConfigError(f"key: {settings.key}: no PEM private key in it")
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    try:
-        context.load_cert_chain(str(settings.cert), str(settings.key), password=_no_passphrase)
-    except _Encrypted:
-        raise ConfigError(
-            f"key: {settings.key}: encrypted with a passphrase, which the agent cannot ask for"
-        ) from None
-    except ssl.SSLError as exc:
-        if exc.reason == "KEY_VALUES_MISMATCH":
-            raise ConfigError(
-                f"cert, key: {settings.cert} is not the certificate of {settings.key}"
-            ) from None
-        raise ConfigError(f"key: {settings.key}: not a usable PEM private key") from None
-    except OSError as exc:
-        raise ConfigError(f"cert, key: cannot read: {exc.strerror or exc}") from None
+    if settings.key is not None:
+        _key_file(settings.cert, settings.key)
     if settings.root_ca is not None:
         _certificates("root_ca", settings.root_ca)
     if settings.tunnel_ca is not None:
         _certificates("tunnel_ca", settings.tunnel_ca)
+
+
+def _key_file(cert: Path, key: Path) -> None:
+    """``key`` is an unencrypted PEM private key, ``cert``'s."""
+    data = _read_all("key", key)
+    if b"PRIVATE KEY-----" not in data:
+        raise ConfigError(f"key: {key}: no PEM private key in it")
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    try:
+        context.load_cert_chain(str(cert), str(key), password=_no_passphrase)
+    except _Encrypted:
+        raise ConfigError(
+            f"key: {key}: encrypted with a passphrase, which the agent cannot ask for"
+        ) from None
+    except ssl.SSLError as exc:
+        if exc.reason == "KEY_VALUES_MISMATCH":
+            raise ConfigError(f"cert, key: {cert} is not the certificate of {key}") from None
+        raise ConfigError(f"key: {key}: not a usable PEM private key") from None
+    except OSError as exc:
+        raise ConfigError(f"cert, key: cannot read: {exc.strerror or exc}") from None
 
 
 def load(
@@ -569,13 +730,25 @@ def load(
     tunnel_ca = optional("tunnel_ca", _ca)
     if tunnel_ca is not None and tunnel_endpoint is None:
         raise ConfigError("tunnel_ca is set but tunnel_endpoint is not: it would not be used")
+    endpoint, port = required("endpoint", _host), required("port", _port)
+    thing_name, cert = _thing_name(thing), required("cert", _readable_file)
+    key: Path | None = None
+    pkcs11: Pkcs11Key | None = None
+    lib = given("pkcs11_lib")
+    if lib is None:
+        for name in _PKCS11_KEYS:
+            if given(name) is not None:
+                raise ConfigError(f"{name} is set but pkcs11_lib is not: it would not be used")
+        key = required("key", _readable_file)
+    else:
+        pkcs11 = _pkcs11_key(lib, given, environ, base)
     settings = AgentSettings(
-        endpoint=required("endpoint", _host),
-        port=required("port", _port),
+        endpoint=endpoint,
+        port=port,
         client_id=client_id,
-        thing_name=_thing_name(thing),
-        cert=required("cert", _readable_file),
-        key=required("key", _readable_file),
+        thing_name=thing_name,
+        cert=cert,
+        key=key,
         root_ca=optional("root_ca", _ca),
         mapping_dir=required("mapping_dir", _mapping_dir),
         tunnel_endpoint=tunnel_endpoint,
@@ -584,6 +757,7 @@ def load(
         log_level=required("log_level", _log_level),
         config_file=config_file,
         state_dir=required("state_dir", _path),
+        pkcs11=pkcs11,
     )
     if namespace.check:
         return CheckOnly(settings)

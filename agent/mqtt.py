@@ -17,14 +17,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from awscrt import io, mqtt5
 from awsiot import mqtt5_client_builder
 
-from agent.config import AgentSettings
+from agent.config import AgentSettings, Pkcs11Key
 from iotunnel.rules import is_aws_host
 
 __all__ = [
@@ -91,20 +93,100 @@ def _reason(exception: BaseException | None) -> str:
     return str(getattr(exception, "name", "") or exception)
 
 
+_pkcs11_libs: dict[Path, io.Pkcs11Lib] = {}
+
+
+def pkcs11_lib(path: Path) -> io.Pkcs11Lib:
+    """The loaded PKCS#11 library at ``path``: loaded (and ``C_Initialize``d) once per process.
+
+    awscrt never calls ``C_Finalize`` (the default behaviour), so the library stays usable for
+    the life of the agent. The agent's children are started with exec, never a bare fork: a
+    token's sessions are never shared with another process.
+    """
+    lib = _pkcs11_libs.get(path)
+    if lib is None:
+        lib = _pkcs11_libs[path] = io.Pkcs11Lib(file=str(path))
+    return lib
+
+
+def _pkcs11_kwargs(key: Pkcs11Key) -> dict[str, Any]:
+    """The PKCS#11 arguments of :func:`mqtt5_client_builder.mtls_with_pkcs11`; the PIN is
+    revealed here, to awscrt only."""
+    return {
+        "pkcs11_lib": pkcs11_lib(key.lib),
+        "user_pin": key.pin.reveal(),
+        "slot_id": key.slot,
+        "token_label": key.token_label,
+        "private_key_label": key.key_label,
+    }
+
+
+def tls_builder(settings: AgentSettings) -> tuple[Callable[..., mqtt5.Client], dict[str, Any]]:
+    """The MQTT5 client builder for the device key, and its certificate and key arguments:
+    ``mtls_from_path`` for a PEM key file, ``mtls_with_pkcs11`` for a key in a PKCS#11 token."""
+    if settings.pkcs11 is None:
+        kwargs = {"cert_filepath": str(settings.cert), "pri_key_filepath": str(settings.key)}
+        return mqtt5_client_builder.mtls_from_path, kwargs
+    kwargs = {"cert_filepath": str(settings.cert), **_pkcs11_kwargs(settings.pkcs11)}
+    return mqtt5_client_builder.mtls_with_pkcs11, kwargs
+
+
+def _crt_error(exc: BaseException) -> str:
+    """awscrt's error name: ``CKR_PIN_INCORRECT`` of ``1117 (AWS_ERROR_PKCS11_CKR_PIN_INCORRECT):
+    A PKCS#11 (Cryptoki) library function failed ...``; the whole text if it is not one."""
+    found = re.match(r"\d+ \((?:AWS_ERROR_PKCS11_|AWS_ERROR_|AWS_IO_)?([A-Z0-9_]+)\)", str(exc))
+    return found.group(1) if found else str(exc)
+
+
+def _pkcs11_problem(exc: BaseException, key: Pkcs11Key) -> str:
+    """One line for awscrt's failure to use the token: the setting at fault, never the PIN."""
+    text = _crt_error(exc)
+    if "PIN" in text:
+        return f"pkcs11_pin_file: {key.pin_file}: the token did not take the PIN in it ({text})"
+    if "KEY_NOT_FOUND" in text:
+        return (
+            f"pkcs11_key_label: {key.key_label!r}: not exactly one private key with this label "
+            f"in the token ({text})"
+        )
+    if "TOKEN_NOT_FOUND" in text:
+        if key.slot is not None:
+            return f"pkcs11_slot: {key.slot}: no token in this slot ({text})"
+        return f"pkcs11_token_label: {key.token_label!r}: not exactly one such token ({text})"
+    return f"pkcs11_lib: {key.lib}: cannot use the token: {text}"
+
+
+def _tls_options(settings: AgentSettings) -> io.TlsContextOptions:
+    """The MQTT client's TLS options, as the builder makes them (logs in to a PKCS#11 token)."""
+    cert = str(settings.cert)
+    if settings.pkcs11 is None:
+        return io.TlsContextOptions.create_client_with_mtls_from_path(cert, str(settings.key))
+    kwargs = _pkcs11_kwargs(settings.pkcs11)
+    return io.TlsContextOptions.create_client_with_mtls_pkcs11(cert_file_path=cert, **kwargs)
+
+
 def tls_problem(settings: AgentSettings) -> str | None:
     """Load the certificate, key and CA as the MQTT client will; say what is wrong, if anything.
 
     awscrt reads the files only when the client is built; this lets a bad file fail the start
-    as a configuration error instead of a connection that never comes up.
+    as a configuration error instead of a connection that never comes up. With a PKCS#11 key,
+    making the TLS context loads the library, logs in to the token with the PIN and finds the
+    key: a missing library, a wrong PIN, a wrong token or key label fail here, not at connect.
     """
-    cert, key = str(settings.cert), str(settings.key)
+    if settings.pkcs11 is not None:
+        try:
+            pkcs11_lib(settings.pkcs11.lib)
+        except Exception as exc:  # awscrt raises RuntimeError
+            lib, problem = settings.pkcs11.lib, _crt_error(exc)
+            return f"pkcs11_lib: {lib}: cannot load it as a PKCS#11 library ({problem})"
     try:
-        io.ClientTlsContext(io.TlsContextOptions.create_client_with_mtls_from_path(cert, key))
+        io.ClientTlsContext(_tls_options(settings))
     except Exception as exc:  # awscrt raises RuntimeError or AwsCrtError
-        return f"cert, key: cannot use {cert} with {key}: {exc}"
+        if settings.pkcs11 is not None:
+            return _pkcs11_problem(exc, settings.pkcs11)
+        return f"cert, key: cannot use {settings.cert} with {settings.key}: {exc}"
     if settings.root_ca is None:
         return None
-    options = io.TlsContextOptions.create_client_with_mtls_from_path(cert, key)
+    options = io.TlsContextOptions()  # the CA alone: no second login to a PKCS#11 token
     ca = str(settings.root_ca)
     try:
         if settings.root_ca.is_dir():
@@ -137,11 +219,11 @@ class MqttLink:
         ca: dict[str, str] = {}
         if s.root_ca is not None:
             ca = {"ca_dirpath" if s.root_ca.is_dir() else "ca_filepath": str(s.root_ca)}
-        return mqtt5_client_builder.mtls_from_path(
+        build, device_key = tls_builder(s)
+        return build(
             endpoint=s.endpoint,
             port=s.port,
-            cert_filepath=str(s.cert),
-            pri_key_filepath=str(s.key),
+            **device_key,
             client_id=s.client_id,
             session_behavior=mqtt5.ClientSessionBehaviorType.REJOIN_ALWAYS,
             session_expiry_interval_sec=SESSION_EXPIRY,

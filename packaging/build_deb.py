@@ -66,6 +66,8 @@ SUMMARIES = {
 }
 UNIT = "iotunnel-agent.service"
 DEPENDS = "python3 (>= 3.11), adduser"
+#: The PKCS#11 modules the agent's pkcs11_lib setting is meant for: a TPM 2.0, or SoftHSM.
+SUGGESTS = "libtpm2-pkcs11-1 | softhsm2"
 #: The Debian package of each shared library the vendored extensions may link against.
 LIBRARY_PACKAGES = {
     "libc.so.6": "libc6",
@@ -615,6 +617,7 @@ def write_control(
         "Maintainer": maintainer,
         "Installed-Size": str(installed_size(stage)),
         "Depends": ", ".join([DEPENDS, *depends]),
+        "Suggests": SUGGESTS,
         "Section": "net",
         "Priority": "optional",
         "Homepage": "https://docs.aws.amazon.com/iot/latest/developerguide/secure-tunneling.html",

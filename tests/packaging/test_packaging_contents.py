@@ -75,6 +75,8 @@ def test_control_fields(debs: dict[str, Path], arch: str) -> None:
     assert re.fullmatch(r"libc6 \(>= 2\.(\d+)\)", libc[0])
     # Debian 12 has glibc 2.36: the vendored extensions must not need a newer one.
     assert int(libc[0].split(".")[1].rstrip(")")) <= 36
+    # PKCS#11 modules for a device key in a TPM or in SoftHSM (the agent's pkcs11_lib).
+    assert field(deb, "Suggests") == "libtpm2-pkcs11-1 | softhsm2"
     assert int(field(deb, "Installed-Size")) > 1000
     assert "<" in field(deb, "Maintainer")
     for name, version in locked().items():
