@@ -6,11 +6,12 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 # Debian packages driven for real (installed only when missing and root): the demo needs the
-# broker and sshd; the test suite also builds and checks packages.
+# broker and sshd; the test suite also builds and checks packages, and sends the agent through
+# a real HTTP proxy (tinyproxy).
 DEMO_PACKAGES ?= mosquitto openssh-server openssh-client
 SYSTEM_PACKAGES ?= $(DEMO_PACKAGES) \
                    lintian systemd binutils binutils-aarch64-linux-gnu linux-libc-dev \
-                   gcc-arm-linux-gnueabihf cmake qemu-user
+                   gcc-arm-linux-gnueabihf cmake qemu-user tinyproxy
 # Architectures `make deb` builds (packaging/build_deb.py; armhf: make deb-armhf).
 DEB_ARCHES ?= amd64 arm64
 

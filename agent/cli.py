@@ -19,6 +19,8 @@ from agent.systemd import Notifier
 EXIT_INTERNAL = 1
 EXIT_CONFIG = 2
 EXIT_INTERRUPTED = 130
+#: A proxy password shorter than this is not redacted from log lines: it would garble them.
+_MIN_REDACTED = 8
 
 log = logging.getLogger("agent")
 
@@ -62,6 +64,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         notifier.close()
         return 0
     redactor = configure(settings.log_level, sys.stderr, journal=not sys.stderr.isatty())
+    password = settings.https_proxy and settings.https_proxy.password
+    if password and len(password.reveal()) >= _MIN_REDACTED:
+        redactor.add(password.reveal())  # the last line of defence: nothing logs it
     log.info(
         "%s starting: thing %s, mappings in %s", PROG, settings.thing_name, settings.mapping_dir
     )

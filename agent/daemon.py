@@ -19,6 +19,7 @@ import signal
 from collections.abc import Mapping
 
 from agent.config import AgentSettings
+from agent.diagnosis import explain
 from agent.logs import Redactor, tagged
 from agent.mqtt import Connected, ConnectFailed, Disconnected, Message, MqttLink
 from agent.notify import Notification, Rejection, parse
@@ -136,7 +137,10 @@ class Agent:
                     self._set_connection("connected, subscribing")
                     self._restart_subscriber(link)
                 case ConnectFailed(reason=reason):
-                    log.warning("cannot connect to the MQTT broker: %s; retrying", reason)
+                    log.warning(
+                        "cannot connect to the MQTT broker: %s; retrying",
+                        explain(reason, self.settings),
+                    )
                     self._set_connection(f"cannot connect ({reason})")
                 case Disconnected() if self.supervisor.shutting_down:
                     log.info("disconnected from the MQTT broker")
@@ -240,7 +244,12 @@ class Agent:
         child = ProxyChild(
             action.tag,
             child_argv(self.settings, action.notification),
-            child_environment(self.base_env, token, client),
+            child_environment(
+                self.base_env,
+                token,
+                client,
+                None if self.settings.https_proxy is None else self.settings.https_proxy.url,
+            ),
             on_streams=self._changed,
             stop_grace=STOP_GRACE,
         )

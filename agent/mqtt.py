@@ -21,10 +21,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from awscrt import io, mqtt5
+from awscrt import http, io, mqtt5
 from awsiot import mqtt5_client_builder
 
-from agent.config import AgentSettings
+from agent.config import AgentSettings, HttpProxy
 
 __all__ = [
     "ConnectFailed",
@@ -34,6 +34,7 @@ __all__ = [
     "MqttEvent",
     "MqttLink",
     "is_aws_endpoint",
+    "proxy_options",
     "tls_problem",
 ]
 
@@ -96,6 +97,22 @@ def _reason(exception: BaseException | None) -> str:
     return str(getattr(exception, "name", "") or exception)
 
 
+def proxy_options(proxy: HttpProxy | None) -> http.HttpProxyOptions | None:
+    """awscrt's options for a CONNECT tunnel through ``proxy``, with Basic auth if it has a user."""
+    if proxy is None:
+        return None
+    auth: dict[str, Any] = {}
+    if proxy.username is not None and proxy.password is not None:
+        auth = {
+            "auth_type": http.HttpProxyAuthenticationType.Basic,
+            "auth_username": proxy.username,
+            "auth_password": proxy.password.reveal(),
+        }
+    return http.HttpProxyOptions(
+        proxy.host, proxy.port, connection_type=http.HttpProxyConnectionType.Tunneling, **auth
+    )
+
+
 def tls_problem(settings: AgentSettings) -> str | None:
     """Load the certificate, key and CA as the MQTT client will; say what is wrong, if anything.
 
@@ -156,6 +173,8 @@ class MqttLink:
             ack_timeout_sec=ACK_TIMEOUT,
             retry_jitter_mode=mqtt5.ExponentialBackoffJitterMode.FULL,
             enable_metrics_collection=is_aws_endpoint(s.endpoint),
+            # Port 443: the builder offers ALPN x-amzn-mqtt-ca, as AWS IoT Core requires there.
+            http_proxy_options=proxy_options(s.mqtt_proxy),
             on_publish_received=self._on_publish,
             on_lifecycle_connection_success=self._on_success,
             on_lifecycle_connection_failure=self._on_failure,
@@ -167,11 +186,13 @@ class MqttLink:
     def start(self) -> None:
         """Create the client and start connecting (in the background)."""
         self._client = self._build()
+        via = self.settings.mqtt_proxy
         log.info(
-            "connecting to the MQTT broker %s:%d as %s",
+            "connecting to the MQTT broker %s:%d as %s%s",
             self.settings.endpoint,
             self.settings.port,
             self.settings.client_id,
+            "" if via is None else f" through the HTTP proxy {via}",
         )
         self._client.start()
 
