@@ -35,7 +35,8 @@ def proxy_error(device: DeviceFiles, environ: dict[str, str], *argv: str) -> str
         load(["--config", str(device.ini), *argv], environ, device.root)
     message = str(info.value)
     assert "\n" not in message
-    assert "w0rd" not in message and "secret" not in message  # never the password
+    assert "w0rd" not in message
+    assert "secret" not in message
     return message
 
 
@@ -51,7 +52,8 @@ def test_https_proxy_from_the_file_with_basic_credentials(device: DeviceFiles) -
     assert proxy.password == Secret(PASSWORD)  # percent-decoded
     assert proxy.url.reveal() == URL
     assert str(proxy) == "http://proxy.example.net:3128"  # no credentials
-    assert PASSWORD not in repr(s) and "w0rd" not in repr(s)
+    assert PASSWORD not in repr(s)
+    assert "w0rd" not in repr(s)
     assert proxy.origin.endswith("agent.ini:8: https_proxy")
     assert s.mqtt_proxy == proxy
     assert "via the HTTP proxy http://proxy.example.net:3128" in summary(s)
@@ -63,25 +65,31 @@ def test_https_proxy_precedence_and_the_environment(device: DeviceFiles) -> None
     assert load_settings(device, {}).https_proxy is None
     # The standard variables, lower case first (as urllib reads them); empty means unset.
     s = load_settings(device, {"HTTPS_PROXY": env_url})
-    assert s.https_proxy is not None and (s.https_proxy.host, s.https_proxy.port) == (
+    assert s.https_proxy is not None
+    assert (s.https_proxy.host, s.https_proxy.port) == (
         "env.example",
         1,
     )
-    assert s.https_proxy.username is None and s.https_proxy.password is None
+    assert s.https_proxy.username is None
+    assert s.https_proxy.password is None
     assert s.https_proxy.origin == "HTTPS_PROXY"
     s = load_settings(device, {"HTTPS_PROXY": env_url, "https_proxy": "http://lower:3"})
-    assert s.https_proxy is not None and s.https_proxy.host == "lower"
+    assert s.https_proxy is not None
+    assert s.https_proxy.host == "lower"
     assert load_settings(device, {"HTTPS_PROXY": env_url, "https_proxy": ""}).https_proxy is None
     # The agent's own setting wins over them: file, then IOTUNNEL_HTTPS_PROXY, then the flag.
     device.write_ini(device.ini.read_text() + f"https_proxy = {file_url}\n")
     s = load_settings(device, {"HTTPS_PROXY": env_url})
-    assert s.https_proxy is not None and s.https_proxy.host == "file.example"
+    assert s.https_proxy is not None
+    assert s.https_proxy.host == "file.example"
     s = load_settings(device, {"IOTUNNEL_HTTPS_PROXY": "http://iot:4"})
-    assert s.https_proxy is not None and s.https_proxy.host == "iot"
+    assert s.https_proxy is not None
+    assert s.https_proxy.host == "iot"
     s = load_settings(
         device, {"IOTUNNEL_HTTPS_PROXY": "http://iot:4"}, "--https-proxy", "http://[::1]"
     )
-    assert s.https_proxy is not None and (s.https_proxy.host, s.https_proxy.port) == ("::1", 80)
+    assert s.https_proxy is not None
+    assert (s.https_proxy.host, s.https_proxy.port) == ("::1", 80)
     assert str(s.https_proxy) == "http://[::1]:80"
 
 
@@ -177,7 +185,8 @@ def test_children_get_the_agents_proxy_in_their_environment_only() -> None:
         assert gone not in env
     # Without a proxy setting, the environment passes as it is.
     env = child_environment(base, Secret("a"), Secret("c"))
-    assert env["HTTPS_PROXY"] == "http://old:1" and env["wss_proxy"] == "http://wss:2"
+    assert env["HTTPS_PROXY"] == "http://old:1"
+    assert env["wss_proxy"] == "http://wss:2"
 
 
 # --------------------------------------------------------------------------- diagnosis
@@ -230,13 +239,15 @@ def test_the_clock_against_the_device_certificate_and_the_cas(pki: PKI, tmp_path
     )
     assert explain("AWS_IO_SOCKET_TIMEOUT", s, now=start - 86400) == "AWS_IO_SOCKET_TIMEOUT"
     after = explain(tls, s, now=end + 60)
-    assert "the device certificate expired on" in after and "check the system clock (NTP)" in after
+    assert "the device certificate expired on" in after
+    assert "check the system clock (NTP)" in after
 
     # A CA bundle that starts later than a (valid) device certificate: the clock is before it.
     later = PKI.create(tmp_path / "later", starts_in=datetime.timedelta(days=1))
     mixed = settings_for(pki, root_ca=later.ca.cert)
     problem = clock_problem(mixed, start + 60)
-    assert problem is not None and "before the start of every certificate in root_ca" in problem
+    assert problem is not None
+    assert "before the start of every certificate in root_ca" in problem
     assert clock_problem(settings_for(pki, root_ca=tmp_path), start + 60) is None  # a directory
     # Unreadable files are no diagnosis, and no crash.
     assert validity(tmp_path / "missing.pem") is None
