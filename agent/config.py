@@ -347,10 +347,18 @@ def _https_proxy(given: _Given) -> HttpProxy:
     except ValueError:
         if not _HOST_RE.fullmatch(host):
             raise ConfigError(f"{given.origin}: not a host name or IP address ({usage})") from None
-    username = None if url.username is None else urllib.parse.unquote(url.username)
-    password = None
-    if username is not None:
-        password = Secret(urllib.parse.unquote(url.password or ""))
+    username = password = None
+    if url.username is not None:
+        # As the proxies' WebSocket client reads it: Basic auth needs both, percent-decoded.
+        if url.password is None:
+            raise ConfigError(f"{given.origin}: a user name without a password ({usage})")
+        try:
+            username = urllib.parse.unquote(url.username, errors="strict")
+            password = Secret(urllib.parse.unquote(url.password, errors="strict"))
+        except UnicodeDecodeError:
+            raise ConfigError(
+                f"{given.origin}: the user name or password is not UTF-8 once percent-decoded"
+            ) from None
     return HttpProxy(host, port or 80, username, password, Secret(text), given.origin)
 
 

@@ -128,6 +128,8 @@ def test_no_proxy_exempts_the_broker_only_as_urllib_would(device: DeviceFiles) -
         ("http://agent:w0rdsecret@proxy:3128/path", "a proxy URL has no path, query or fragment"),
         ("http://agent:w0rdsecret@[::1:3128", "not a valid URL"),
         ("http://agent:w0rdsecret@pro_xy!:3128", "not a host name or IP address"),
+        ("http://agent@proxy:3128", "a user name without a password"),
+        ("http://agent:w0rd%ffsecret@proxy:3128", "the user name or password is not UTF-8"),
     ],
 )
 def test_a_bad_proxy_url_is_one_line_naming_where_it_was_set(

@@ -18,7 +18,6 @@ import re
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -109,10 +108,8 @@ def make_link(stack: Stack, pki: PKI) -> Link:
 
 
 @pytest.fixture
-def link(stack: Stack, pki: PKI) -> Iterator[Link]:
-    made = make_link(stack, pki)
-    yield made
-    stack.close()
+def link(stack: Stack, pki: PKI) -> Link:
+    return make_link(stack, pki)
 
 
 def tinyproxy(link: Link, *, auth: bool = True) -> HttpProxyServer:
