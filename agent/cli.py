@@ -67,6 +67,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     password = settings.https_proxy and settings.https_proxy.password
     if password and len(password.reveal()) >= _MIN_REDACTED:
         redactor.add(password.reveal())  # the last line of defence: nothing logs it
+    if password and settings.https_proxy and settings.https_proxy.origin == "--https-proxy":
+        log.warning(
+            "--https-proxy holds a password, and any user can read a command line: "
+            "use https_proxy in agent.ini or HTTPS_PROXY instead"
+        )
     log.info(
         "%s starting: thing %s, mappings in %s", PROG, settings.thing_name, settings.mapping_dir
     )

@@ -24,7 +24,7 @@ from typing import Any
 from awscrt import http, io, mqtt5
 from awsiot import mqtt5_client_builder
 
-from agent.config import AgentSettings, HttpProxy
+from agent.config import ALPN_PORT, ALPN_PROTOCOL, AgentSettings, HttpProxy
 
 __all__ = [
     "ConnectFailed",
@@ -187,10 +187,12 @@ class MqttLink:
         """Create the client and start connecting (in the background)."""
         self._client = self._build()
         via = self.settings.mqtt_proxy
+        alpn = self.settings.port == ALPN_PORT and io.is_alpn_available()
         log.info(
-            "connecting to the MQTT broker %s:%d as %s%s",
+            "connecting to the MQTT broker %s:%d%s as %s%s",
             self.settings.endpoint,
             self.settings.port,
+            f" (ALPN {ALPN_PROTOCOL})" if alpn else "",
             self.settings.client_id,
             "" if via is None else f" through the HTTP proxy {via}",
         )

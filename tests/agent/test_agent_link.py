@@ -254,3 +254,38 @@ def test_the_clock_against_the_device_certificate_and_the_cas(pki: PKI, tmp_path
     # Unreadable files are no diagnosis, and no crash.
     assert validity(tmp_path / "missing.pem") is None
     assert clock_problem(settings_for(pki, cert=tmp_path / "missing.pem"), start + 60) is None
+
+
+def test_a_password_on_the_command_line_is_warned_about_and_redacted(
+    device: DeviceFiles,
+    pki: PKI,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """At start (the agent's run replaced): a warning, and the password is redacted from logs."""
+    import agent.daemon
+
+    def run(settings: AgentSettings, notifier: object, env: object, redactor: object) -> int:
+        logging.getLogger("agent").info("a line that quotes %s by mistake", PASSWORD)
+        return 0
+
+    monkeypatch.setattr(agent.daemon, "run", run)
+    tls = [
+        "--cert",
+        str(pki.client.cert),
+        "--key",
+        str(pki.client.key),
+        "--root-ca",
+        str(pki.ca.cert),
+    ]
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    try:
+        assert cli.main(["--config", str(device.ini), *tls, "--https-proxy", URL]) == 0
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
+    err = capsys.readouterr().err
+    assert "--https-proxy holds a password, and any user can read a command line" in err
+    assert "a line that quotes [secure] by mistake" in err
+    assert PASSWORD not in err

@@ -244,7 +244,8 @@ def test_port_443_offers_alpn_x_amzn_mqtt_ca(
     assert f"alpn {offered}\n" in endpoint.output()
     assert "first byte 0x10" in endpoint.output()  # MQTT CONNECT, after a complete handshake
     assert endpoint.wait(60) == 0
-    assert f"connecting to the MQTT broker 127.0.0.1:{port}" in agent_log.read_text()
+    alpn = " (ALPN x-amzn-mqtt-ca)" if port == 443 else ""
+    assert f"connecting to the MQTT broker 127.0.0.1:{port}{alpn} as" in agent_log.read_text()
 
 
 # --------------------------------------------------------------------------- the clock
