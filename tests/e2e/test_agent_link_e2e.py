@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import base64
 import datetime
 import json
 import os
@@ -121,8 +122,11 @@ def tinyproxy(link: Link, *, auth: bool = True) -> HttpProxyServer:
 
 
 def assert_no_password(*texts: str) -> None:
+    """Neither the password nor the Basic credentials (as Proxy-Authorization carries them)."""
+    basic = base64.b64encode(f"agent:{PASSWORD}".encode()).decode()
     for text in texts:
         assert PASSWORD not in text
+        assert basic not in text
     assert not any(PASSWORD in line for line in command_lines())
 
 
