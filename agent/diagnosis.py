@@ -5,6 +5,8 @@
 - ``AWS_ERROR_HTTP_PROXY_CONNECT_FAILED``: the HTTP proxy answered the CONNECT with anything
   but 2xx (awscrt does not say which status): a wrong user or password, or a port the proxy
   does not allow;
+- a socket or name lookup error with a proxy: the agent's own connection is to the proxy (the
+  proxy looks the broker up and connects to it), so the proxy is what cannot be reached;
 - a TLS failure while the system clock is outside the device certificate's validity (or that of
   every CA in ``root_ca``): a device without a real-time clock that boots in the past sees the
   broker's certificate as not yet valid, and the TLS library only says the handshake failed.
@@ -28,6 +30,8 @@ __all__ = ["PROXY_REFUSED", "clock_problem", "explain", "validity"]
 
 #: awscrt's error when the proxy answers a CONNECT with anything but 2xx.
 PROXY_REFUSED = "AWS_ERROR_HTTP_PROXY_CONNECT_FAILED"
+#: awscrt's errors of a socket or a name lookup: the proxy's, when there is one.
+_NETWORK_ERRORS = ("AWS_IO_SOCKET_", "AWS_IO_DNS_")
 
 
 def explain(reason: str, settings: AgentSettings, now: float | None = None) -> str:
@@ -44,6 +48,12 @@ def explain(reason: str, settings: AgentSettings, now: float | None = None) -> s
             f"the HTTP proxy {proxy} refused to open a tunnel to {settings.endpoint}:"
             f"{settings.port} ({reason}): check the user and password of https_proxy "
             f"({proxy.origin}), and that the proxy allows CONNECT to port {settings.port}"
+        )
+    if proxy is not None and reason.startswith(_NETWORK_ERRORS):
+        # Through a CONNECT tunnel the agent's own socket (and name lookup) is the proxy's.
+        return (
+            f"cannot reach the HTTP proxy {proxy} ({reason}): check https_proxy "
+            f"({proxy.origin}), and that the proxy runs"
         )
     if "TLS" in reason:
         problem = clock_problem(settings, time.time() if now is None else now)

@@ -222,7 +222,16 @@ def test_a_refused_connect_names_the_proxy_and_where_it_was_set(pki: PKI) -> Non
         "password of https_proxy (x), and that the proxy allows CONNECT to port 443"
     )
     assert "w0rd" not in text
-    assert explain("AWS_IO_SOCKET_TIMEOUT", s) == "AWS_IO_SOCKET_TIMEOUT"
+    assert explain("AWS_IO_SOCKET_CONNECTION_REFUSED", s) == (
+        "cannot reach the HTTP proxy http://proxy.example.net:3128 "
+        "(AWS_IO_SOCKET_CONNECTION_REFUSED): check https_proxy (x), and that the proxy runs"
+    )
+    assert explain("AWS_IO_DNS_INVALID_NAME", s).startswith("cannot reach the HTTP proxy")
+    # Without a proxy, or with one that NO_PROXY exempts the broker from: the name alone.
+    assert explain("AWS_IO_SOCKET_TIMEOUT", settings_for(pki)) == "AWS_IO_SOCKET_TIMEOUT"
+    exempt = dataclasses.replace(s, no_proxy="broker.example.net")
+    assert explain("AWS_IO_SOCKET_TIMEOUT", exempt) == "AWS_IO_SOCKET_TIMEOUT"
+    assert explain(PROXY_REFUSED, exempt) == PROXY_REFUSED
 
 
 def test_the_clock_against_the_device_certificate_and_the_cas(pki: PKI, tmp_path: Path) -> None:

@@ -191,6 +191,15 @@ def test_a_wrong_proxy_password_is_one_clear_line_and_retried(link: Link) -> Non
     agent.wait_for(rf"(?s)(?:{line}.*){{2}}", timeout=60)  # and it tries again
     assert agent.popen.poll() is None
     proxy.wait_for_connect(link.broker_port, count=2)
+    # The proxy goes away: that is what the line says then.
+    proxy.proc.stop()
+    agent.wait_for(
+        rf"<4>cannot connect to the MQTT broker: cannot reach the HTTP proxy "
+        rf"http://127\.0\.0\.1:{proxy.port} \(AWS_IO_SOCKET_CONNECTION_REFUSED\): check "
+        r"https_proxy \(\S+agent\.ini:\d+: https_proxy\), and that the proxy runs; retrying",
+        timeout=120,
+    )
+    assert agent.popen.poll() is None
     assert "Traceback" not in agent.output()
     assert_no_password(agent.output(), wrong)
     assert PASSWORD[::-1] not in agent.output()
