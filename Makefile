@@ -6,12 +6,13 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 # Debian packages driven for real (installed only when missing and root): the demo needs the
-# broker and sshd; the test suite also builds and checks packages, and keeps the agent's device
-# key in a software PKCS#11 token (softhsm2).
+# broker and sshd; the test suite also builds and checks packages, keeps the agent's device key
+# in a software PKCS#11 token (softhsm2) and sends the agent through a real HTTP proxy
+# (tinyproxy).
 DEMO_PACKAGES ?= mosquitto openssh-server openssh-client
 SYSTEM_PACKAGES ?= $(DEMO_PACKAGES) \
                    lintian systemd binutils binutils-aarch64-linux-gnu linux-libc-dev \
-                   gcc-arm-linux-gnueabihf cmake qemu-user softhsm2
+                   gcc-arm-linux-gnueabihf cmake qemu-user softhsm2 tinyproxy
 # Architectures `make deb` builds (packaging/build_deb.py; armhf: make deb-armhf).
 DEB_ARCHES ?= amd64 arm64
 

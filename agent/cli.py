@@ -27,6 +27,9 @@ from iotunnel.cli import fail
 from iotunnel.errors import ConfigError
 from iotunnel.exits import ExitCode
 
+#: A proxy password shorter than this is not redacted from log lines: it would garble them.
+_MIN_REDACTED = 8
+
 log = logging.getLogger("agent")
 
 
@@ -69,6 +72,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         notifier.close()
         return 0
     redactor = configure(settings.log_level, sys.stderr, journal=not sys.stderr.isatty())
+    password = settings.https_proxy and settings.https_proxy.password
+    if password and len(password.reveal()) >= _MIN_REDACTED:
+        redactor.add(password.reveal())  # the last line of defence: nothing logs it
+    if password and settings.https_proxy and settings.https_proxy.origin == "--https-proxy":
+        log.warning(
+            "--https-proxy holds a password, and any user can read a command line: "
+            "use https_proxy in agent.ini or HTTPS_PROXY instead"
+        )
     log.info(
         "%s starting: thing %s, mappings in %s", PROG, settings.thing_name, settings.mapping_dir
     )

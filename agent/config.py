@@ -27,6 +27,8 @@ import logging
 import os
 import re
 import ssl
+import urllib.parse
+import urllib.request
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,6 +55,7 @@ __all__ = [
     "AgentSettings",
     "CheckOnly",
     "CliExit",
+    "HttpProxy",
     "Pkcs11Key",
     "check_tls_files",
     "load",
@@ -69,6 +72,10 @@ DEFAULT_MAPPING_DIR = "/etc/iotunnel/destination.d"
 #: ``StateDirectory=iotunnel``).
 DEFAULT_STATE_DIR = "/var/lib/iotunnel"
 ENV_CONFIG = "IOTUNNEL_CONFIG"
+#: The MQTT port on which the client offers :data:`ALPN_PROTOCOL` in its TLS handshake, as AWS IoT
+#: Core requires for MQTT with client certificates on 443 (the SDK's builder does this).
+ALPN_PORT = 443
+ALPN_PROTOCOL = "x-amzn-mqtt-ca"
 ENV_PREFIX = "IOTUNNEL_"
 SECTION = "agent"
 #: The systemd credential that holds the PKCS#11 user PIN (``LoadCredential=pkcs11-pin:FILE``).
@@ -115,6 +122,40 @@ class Pkcs11Key:
 
 
 @dataclass(frozen=True, slots=True)
+class HttpProxy:
+    """An HTTP proxy that tunnels with CONNECT, and the Basic credentials from its URL.
+
+    ``str()`` is ``http://host:port``, without the credentials: fit for logs. The URL with them
+    is :attr:`url`, a :class:`~proxy.config.Secret` (it goes to the proxies' environment only).
+
+    Attributes:
+        host: The proxy's host name or address (without brackets).
+        port: Its port.
+        username: The Basic user name, or ``None`` for no authentication.
+        password: The Basic password (``Secret("")`` with a user name and no password).
+        url: The URL as given.
+        origin: Where it was set (``agent.ini:12: https_proxy``, ``HTTPS_PROXY``).
+    """
+
+    host: str
+    port: int
+    username: str | None
+    password: Secret | None
+    url: Secret
+    origin: str
+
+    def __str__(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
+
+    def bypassed(self, no_proxy: str, host: str, port: int) -> bool:
+        """Whether ``NO_PROXY`` (``no_proxy``) exempts ``host:port``, by the rules of Python's
+        :mod:`urllib` (which the destination proxies' WebSocket client follows as well)."""
+        bypass = urllib.request.proxy_bypass_environment  # type: ignore[attr-defined]
+        return bool(bypass(f"{host}:{port}", {"no": no_proxy}))
+
+
+@dataclass(frozen=True, slots=True)
 class AgentSettings:
     """Everything the agent needs, validated.
 
@@ -135,6 +176,10 @@ class AgentSettings:
         config_file: The settings file that was read, if any.
         state_dir: Where running tunnels are kept (:mod:`agent.state`), for a restart.
         pkcs11: The device key in a PKCS#11 token instead of :attr:`key`, or ``None``.
+        https_proxy: The HTTP proxy of the MQTT connection and of every destination proxy
+            (``https_proxy``, else the ``https_proxy``/``HTTPS_PROXY`` environment), or
+            ``None``.
+        no_proxy: The ``NO_PROXY`` (``no_proxy``) environment: hosts reached directly.
     """
 
     endpoint: str
@@ -152,11 +197,22 @@ class AgentSettings:
     config_file: Path | None
     state_dir: Path = Path(DEFAULT_STATE_DIR)
     pkcs11: Pkcs11Key | None = None
+    https_proxy: HttpProxy | None = None
+    no_proxy: str = ""
 
     @property
     def topic(self) -> str:
         """The notification topic of :attr:`thing_name`."""
         return notify_topic(self.thing_name)
+
+    @property
+    def mqtt_proxy(self) -> HttpProxy | None:
+        """The proxy of the MQTT connection: :attr:`https_proxy` unless ``NO_PROXY`` exempts
+        the broker."""
+        proxy = self.https_proxy
+        if proxy is None or proxy.bypassed(self.no_proxy, self.endpoint, self.port):
+            return None
+        return proxy
 
 
 @dataclass(frozen=True, slots=True)
@@ -209,6 +265,12 @@ KEYS: tuple[_Key, ...] = (
         "FILE",
         f"file holding the token's user PIN "
         f"(default: ${ENV_CREDENTIALS}/{PIN_CREDENTIAL}, the systemd credential)",
+    ),
+    _Key(
+        "https_proxy",
+        "URL",
+        "HTTP proxy for MQTT and the tunnels, http://[user:password@]host:port "
+        "(default: $https_proxy/$HTTPS_PROXY; keep a password off the command line)",
     ),
     _Key("mapping_dir", "DIR", "service-ID mapping directory", DEFAULT_MAPPING_DIR),
     _Key("tunnel_endpoint", "URL", "tunnel service instead of the notified region (self-hosted)"),
@@ -313,6 +375,58 @@ def _tunnel_endpoint(given: _Given) -> str:
         problem = str(exc).removeprefix("-e: ").removeprefix(f"{text!r}: ")
         _fail(given, problem)
     return text
+
+
+def _https_proxy(given: _Given) -> HttpProxy:
+    """``http://[user[:password]@]host[:port]``; messages never quote it: it may hold a
+    password."""
+    usage = "expected http://[user:password@]host:port"
+    text = given.value.strip()
+    try:
+        url = urllib.parse.urlsplit(text)
+    except ValueError:
+        raise ConfigError(f"{given.origin}: not a valid URL ({usage})") from None
+    try:
+        port = url.port
+    except ValueError:
+        port = 0
+    if url.scheme.lower() != "http":
+        raise ConfigError(f"{given.origin}: not an http:// URL ({usage})")
+    if not url.hostname:
+        raise ConfigError(f"{given.origin}: no host in the URL ({usage})")
+    if url.path not in ("", "/") or url.query or url.fragment:
+        raise ConfigError(f"{given.origin}: a proxy URL has no path, query or fragment ({usage})")
+    if port == 0:
+        raise ConfigError(f"{given.origin}: a port is 1..65535")
+    host = url.hostname
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        if not HOST_RE.fullmatch(host):
+            raise ConfigError(f"{given.origin}: not a host name or IP address ({usage})") from None
+    username = password = None
+    if url.username is not None:
+        # As the proxies' WebSocket client reads it: Basic auth needs both, percent-decoded.
+        if url.password is None:
+            raise ConfigError(f"{given.origin}: a user name without a password ({usage})")
+        try:
+            username = urllib.parse.unquote(url.username, errors="strict")
+            password = Secret(urllib.parse.unquote(url.password, errors="strict"))
+        except UnicodeDecodeError:
+            raise ConfigError(
+                f"{given.origin}: the user name or password is not UTF-8 once percent-decoded"
+            ) from None
+    return HttpProxy(host, port or 80, username, password, Secret(text), given.origin)
+
+
+def _environment_proxy(environ: Mapping[str, str], name: str, base: Path) -> _Given | None:
+    """``name`` (``https_proxy``) from the environment as Python's :mod:`urllib` reads it: the
+    lower-case variable wins over the upper-case one, and an empty one counts as unset."""
+    for variable in (name, name.upper()):
+        if variable in environ:
+            value = environ[variable]
+            return _Given(value, variable, base) if value.strip() else None
+    return None
 
 
 def _max_tunnels(given: _Given) -> int:
@@ -564,11 +678,17 @@ def summary(settings: AgentSettings) -> str:
     """What ``--check`` prints: the settings that matter, on one line."""
     service = settings.tunnel_endpoint or "the notified AWS region"
     key = "" if settings.pkcs11 is None else f", {settings.pkcs11.describe()}"
+    link = ""
+    if settings.port == ALPN_PORT:
+        link += f" (ALPN {ALPN_PROTOCOL})"
+    if settings.mqtt_proxy is not None:
+        link += f" via the HTTP proxy {settings.mqtt_proxy}"
+    elif settings.https_proxy is not None:
+        link += f" directly (NO_PROXY), tunnels via the HTTP proxy {settings.https_proxy}"
     return (
         f"{PROG}: configuration OK: {settings.client_id} at {settings.endpoint}:{settings.port}"
-        f"{key}, topic {settings.topic}, mappings in {settings.mapping_dir}, "
-        f"tunnels via {service}, at most {settings.max_tunnels} at once, "
-        f"state in {settings.state_dir}\n"
+        f"{link}{key}, topic {settings.topic}, mappings in {settings.mapping_dir}, tunnels via "
+        f"{service}, at most {settings.max_tunnels} at once, state in {settings.state_dir}\n"
     )
 
 
@@ -742,6 +862,8 @@ def load(
         key = required("key", _readable_file)
     else:
         pkcs11 = _pkcs11_key(lib, given, environ, base)
+    proxy_given = given("https_proxy") or _environment_proxy(environ, "https_proxy", base)
+    no_proxy = _environment_proxy(environ, "no_proxy", base)
     settings = AgentSettings(
         endpoint=endpoint,
         port=port,
@@ -758,6 +880,8 @@ def load(
         config_file=config_file,
         state_dir=required("state_dir", _path),
         pkcs11=pkcs11,
+        https_proxy=None if proxy_given is None else _https_proxy(proxy_given),
+        no_proxy="" if no_proxy is None else no_proxy.value.strip(),
     )
     if namespace.check:
         return CheckOnly(settings)

@@ -23,6 +23,7 @@ import time
 from collections.abc import Mapping
 
 from agent.config import AgentSettings
+from agent.diagnosis import explain
 from agent.logs import Redactor, tagged
 from agent.mqtt import Connected, ConnectFailed, Disconnected, Message, MqttLink
 from agent.proxy_runner import ProxyChild, child_argv, child_environment
@@ -225,7 +226,10 @@ class Agent:
                     self._set_connection("connected, subscribing")
                     self._restart_subscriber(link)
                 case ConnectFailed(reason=reason):
-                    log.warning("cannot connect to the MQTT broker: %s; retrying", reason)
+                    log.warning(
+                        "cannot connect to the MQTT broker: %s; retrying",
+                        explain(reason, self.settings),
+                    )
                     self._set_connection(f"cannot connect ({reason})")
                 case Disconnected() if self.supervisor.shutting_down:
                     log.info("disconnected from the MQTT broker")
@@ -330,7 +334,12 @@ class Agent:
         child = ProxyChild(
             action.tag,
             child_argv(self.settings, action.notification),
-            child_environment(self.base_env, token, client),
+            child_environment(
+                self.base_env,
+                token,
+                client,
+                None if self.settings.https_proxy is None else self.settings.https_proxy.url,
+            ),
             on_streams=self._changed,
             stop_grace=STOP_GRACE,
         )

@@ -23,10 +23,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from awscrt import io, mqtt5
+from awscrt import http, io, mqtt5
 from awsiot import mqtt5_client_builder
 
-from agent.config import AgentSettings, Pkcs11Key
+from agent.config import ALPN_PORT, ALPN_PROTOCOL, AgentSettings, HttpProxy, Pkcs11Key
 from iotunnel.rules import is_aws_host
 
 __all__ = [
@@ -36,6 +36,7 @@ __all__ = [
     "Message",
     "MqttEvent",
     "MqttLink",
+    "proxy_options",
     "tls_problem",
 ]
 
@@ -162,6 +163,20 @@ def _tls_options(settings: AgentSettings) -> io.TlsContextOptions:
         return io.TlsContextOptions.create_client_with_mtls_from_path(cert, str(settings.key))
     kwargs = _pkcs11_kwargs(settings.pkcs11)
     return io.TlsContextOptions.create_client_with_mtls_pkcs11(cert_file_path=cert, **kwargs)
+def proxy_options(proxy: HttpProxy | None) -> http.HttpProxyOptions | None:
+    """awscrt's options for a CONNECT tunnel through ``proxy``, with Basic auth if it has a user."""
+    if proxy is None:
+        return None
+    auth: dict[str, Any] = {}
+    if proxy.username is not None and proxy.password is not None:
+        auth = {
+            "auth_type": http.HttpProxyAuthenticationType.Basic,
+            "auth_username": proxy.username,
+            "auth_password": proxy.password.reveal(),
+        }
+    return http.HttpProxyOptions(
+        proxy.host, proxy.port, connection_type=http.HttpProxyConnectionType.Tunneling, **auth
+    )
 
 
 def tls_problem(settings: AgentSettings) -> str | None:
@@ -234,6 +249,8 @@ class MqttLink:
             retry_jitter_mode=mqtt5.ExponentialBackoffJitterMode.FULL,
             # the SDK's metrics are meant for AWS IoT Core only
             enable_metrics_collection=is_aws_host(s.endpoint),
+            # Port 443: the builder offers ALPN x-amzn-mqtt-ca, as AWS IoT Core requires there.
+            http_proxy_options=proxy_options(s.mqtt_proxy),
             on_publish_received=self._on_publish,
             on_lifecycle_connection_success=self._on_success,
             on_lifecycle_connection_failure=self._on_failure,
@@ -245,11 +262,15 @@ class MqttLink:
     def start(self) -> None:
         """Create the client and start connecting (in the background)."""
         self._client = self._build()
+        via = self.settings.mqtt_proxy
+        alpn = self.settings.port == ALPN_PORT and io.is_alpn_available()
         log.info(
-            "connecting to the MQTT broker %s:%d as %s",
+            "connecting to the MQTT broker %s:%d%s as %s%s",
             self.settings.endpoint,
             self.settings.port,
+            f" (ALPN {ALPN_PROTOCOL})" if alpn else "",
             self.settings.client_id,
+            "" if via is None else f" through the HTTP proxy {via}",
         )
         self._client.start()
 

@@ -76,16 +76,30 @@ def child_verbosity(level: int) -> str:
     return "2"
 
 
+#: Proxy variables that the child's WebSocket client would prefer to ``https_proxy``.
+_OTHER_PROXIES = ("wss_proxy", "socks_proxy")
+
+
 def child_environment(
-    base: Mapping[str, str], access_token: Secret, client_token: Secret
+    base: Mapping[str, str],
+    access_token: Secret,
+    client_token: Secret,
+    https_proxy: Secret | None = None,
 ) -> dict[str, str]:
     """The child's environment: ``base`` without systemd's, the agent's and stray tunnel
-    variables, plus the two tokens."""
+    variables, plus the two tokens; with ``https_proxy`` (the agent's proxy URL, which may hold
+    a password: the environment is the only place it goes) as ``https_proxy`` and
+    ``HTTPS_PROXY``, and no other proxy variable that could win over them. ``NO_PROXY`` passes.
+    """
     env = {
         name: value
         for name, value in base.items()
-        if name not in ENV_VARIABLES and not name.startswith(("IOTUNNEL_", "AWSIOT_TUNNEL_"))
+        if name not in ENV_VARIABLES
+        and not name.startswith(("IOTUNNEL_", "AWSIOT_TUNNEL_"))
+        and not (https_proxy is not None and name.lower() in _OTHER_PROXIES)
     }
+    if https_proxy is not None:
+        env["https_proxy"] = env["HTTPS_PROXY"] = https_proxy.reveal()
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [_PROJECT_ROOT, base.get("PYTHONPATH")]))
     env["PYTHONUNBUFFERED"] = "1"
     env[ENV_ACCESS_TOKEN] = access_token.reveal()

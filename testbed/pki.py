@@ -75,11 +75,16 @@ class PKI:
     client: CertPair
 
     @classmethod
-    def create(cls, directory: Path) -> PKI:
+    def create(cls, directory: Path, *, starts_in: datetime.timedelta | None = None) -> PKI:
         """Make a CA, a server and a client certificate (``client``) in ``directory``
-        (created mode 0700 when missing: it holds private keys)."""
+        (created mode 0700 when missing: it holds private keys).
+
+        ``starts_in``: every certificate (the CA's too, and any :meth:`issue_client` makes
+        later) becomes valid only that long from now, as a device whose clock is behind sees
+        them. Default: valid from five minutes ago.
+        """
         directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-        now = datetime.datetime.now(datetime.UTC)
+        now = _start(starts_in)
         key = ec.generate_private_key(ec.SECP256R1())
         name = _name("iotunnel test CA")
         cert = (
@@ -88,7 +93,7 @@ class PKI:
             .issuer_name(name)
             .public_key(key.public_key())
             .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_before(now)
             .not_valid_after(now + _VALIDITY)
             .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
             .add_extension(
@@ -170,6 +175,12 @@ class PKI:
         return context
 
 
+def _start(starts_in: datetime.timedelta | None) -> datetime.datetime:
+    """When certificates start: ``starts_in`` from now, or five minutes ago."""
+    offset = -datetime.timedelta(minutes=5) if starts_in is None else starts_in
+    return datetime.datetime.now(datetime.UTC) + offset
+
+
 def _issue(
     ca: CertPair,
     directory: Path,
@@ -183,14 +194,15 @@ def _issue(
     assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
     ca_cert = x509.load_pem_x509_certificate(ca.cert.read_bytes())
     key = ec.generate_private_key(ec.SECP256R1())
-    now = datetime.datetime.now(datetime.UTC)
+    # A leaf starts when its CA does (the CA's own start is the one chosen at create()).
+    now = max(ca_cert.not_valid_before_utc, _start(None))
     builder = (
         x509.CertificateBuilder()
         .subject_name(_name(common_name))
         .issuer_name(ca_cert.subject)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_before(now)
         .not_valid_after(now + _VALIDITY)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)

@@ -52,6 +52,15 @@ def test_the_unit_is_a_notify_service_with_a_watchdog() -> None:
     assert d["WantedBy"] == ["multi-user.target"]
 
 
+def test_the_unit_starts_after_the_network_and_the_clock() -> None:
+    """time-sync.target is passive: ordered after, never pulled in (a device that has no time
+    service would wait for nothing, and one that waits would not start offline)."""
+    d = directives()
+    after = " ".join(d["After"]).split()
+    assert {"network-online.target", "time-sync.target"} <= set(after)
+    assert "time-sync.target" not in " ".join(d.get("Wants", []) + d.get("Requires", []))
+
+
 def test_the_unit_runs_unprivileged_and_hardened() -> None:
     d = directives()
     assert d["User"] == ["iotunnel"]
