@@ -42,17 +42,19 @@ def locked() -> dict[str, str]:
 def test_the_wheel_holds_the_three_parts_only(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """``pip install .`` (and the .deb, built from the same wheel) gets proxy, service and agent:
-    testbed/, demo/, bench/ and tests/ are used from the checkout only."""
+    """``pip install .`` (and the .deb, built from the same wheel) gets the shared ``iotunnel``
+    package, proxy, service and agent: testbed/, demo/, bench/ and tests/ are used from the
+    checkout only."""
     monkeypatch.syspath_prepend(str(REPO / "packaging"))
     build_deb = importlib.import_module("build_deb")
     wheel = build_deb.build_project_wheel(tmp_path, 315532800)
     with zipfile.ZipFile(wheel) as archive:
         names = archive.namelist()
         [top_level] = [n for n in names if n.endswith(".dist-info/top_level.txt")]
-        assert archive.read(top_level).decode().split() == ["agent", "proxy", "service"]
+        parts = ["agent", "iotunnel", "proxy", "service"]
+        assert archive.read(top_level).decode().split() == parts
     packages = {name.split("/")[0] for name in names if not name.startswith("iotunnel-")}
-    assert packages == {"proxy", "service", "agent"}
+    assert packages == set(parts)
 
 
 def test_the_lock_matches_pyproject() -> None:
