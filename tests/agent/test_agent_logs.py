@@ -6,7 +6,6 @@ from __future__ import annotations
 import io
 import logging
 import os
-import socket
 import struct
 import subprocess
 import sys
@@ -29,6 +28,7 @@ from agent.logs import (
 )
 from iotunnel.journal import JournalSocket, encode, stream_is_journal
 from proxy import logs as proxy_logs
+from testbed.journal import FakeJournal, parse_record
 
 
 def record(
@@ -137,68 +137,16 @@ def test_configure_writes_redacted_journal_lines() -> None:
 # --------------------------------------------------------------------------- the native journal
 
 
-def parse_record(data: bytes) -> dict[str, str]:
-    """A native journal record, read as journald reads it (both value forms)."""
-    fields: dict[str, str] = {}
-    while data:
-        line_end = data.index(b"\n")
-        head = data[:line_end]
-        if b"=" in head:
-            name, _, value = head.partition(b"=")
-            data = data[line_end + 1 :]
-        else:
-            name = head
-            (size,) = struct.unpack("<Q", data[line_end + 1 : line_end + 9])
-            value = data[line_end + 9 : line_end + 9 + size]
-            assert data[line_end + 9 + size : line_end + 10 + size] == b"\n"
-            data = data[line_end + 10 + size :]
-        fields[name.decode()] = value.decode()
-    return fields
-
-
-class FakeJournal:
-    """A datagram socket standing in for /run/systemd/journal/socket."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = str(path)
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.sock.bind(self.path)
-        self.sock.settimeout(30)
-
-    def record(self) -> dict[str, str]:
-        """The next record, from a datagram or from the memfd passed in one."""
-        data, ancillary, _, _ = self.sock.recvmsg(1 << 20, socket.CMSG_SPACE(4))
-        for level, kind, payload in ancillary:
-            assert (level, kind) == (socket.SOL_SOCKET, socket.SCM_RIGHTS)
-            (fd,) = struct.unpack("i", payload[:4])
-            try:
-                data = os.pread(fd, 64 << 20, 0)
-            finally:
-                os.close(fd)
-        return parse_record(data)
-
-    def pending(self) -> int:
-        """How many datagrams wait now (read and dropped)."""
-        count = 0
-        self.sock.setblocking(False)
-        try:
-            while True:
-                self.sock.recv(1 << 20)
-                count += 1
-        except BlockingIOError:
-            return count
-        finally:
-            self.sock.settimeout(30)
-
-    def close(self) -> None:
-        self.sock.close()
-
-
 @pytest.fixture
 def journal(tmp_path: Path) -> Iterator[FakeJournal]:
     fake = FakeJournal(tmp_path / "journal.sock")
     yield fake
     fake.close()
+
+
+def one(journal: FakeJournal, count: int = 1) -> list[dict[str, str]]:
+    """The first ``count`` records (waited for)."""
+    return journal.wait_for(lambda r: len(r) >= count, f"{count} record(s)")[:count]
 
 
 def test_encode_uses_the_binary_form_for_values_with_newlines() -> None:
@@ -214,10 +162,9 @@ def test_a_record_too_large_for_a_datagram_goes_in_a_memfd(journal: FakeJournal)
     client = JournalSocket(journal.path)
     try:
         client.send([("MESSAGE", "small")])
-        assert journal.record() == {"MESSAGE": "small"}
         huge = "x" * (8 << 20)  # above any datagram size limit
         client.send([("MESSAGE", huge), ("TUNNEL", "t1")])
-        assert journal.record() == {"MESSAGE": huge, "TUNNEL": "t1"}
+        assert one(journal, 2) == [{"MESSAGE": "small"}, {"MESSAGE": huge, "TUNNEL": "t1"}]
     finally:
         client.close()
 
@@ -245,14 +192,16 @@ def test_native_records_carry_the_tunnel_and_audit_fields(journal: FakeJournal) 
     logging.getLogger(AUDIT).info(
         "SSH1 connection 2/1 closed", extra=tagged("t3", {"SERVICE_ID": "SSH1", "BYTES_IN": "5"})
     )
-    assert journal.record() == {
+    logging.getLogger("agent").warning("last")
+    records = one(journal, 3)
+    assert records[0] == {
         "MESSAGE": "[t3] bad [secure]",
         "PRIORITY": "4",
         "SYSLOG_IDENTIFIER": "iotunnel-agent",
         "TUNNEL": "t3",
     }
     # The audit line is logged whatever log_level says.
-    assert journal.record() == {
+    assert records[1] == {
         "MESSAGE": "[t3] SSH1 connection 2/1 closed",
         "PRIORITY": "6",
         "SYSLOG_IDENTIFIER": "iotunnel-agent",
@@ -260,7 +209,8 @@ def test_native_records_carry_the_tunnel_and_audit_fields(journal: FakeJournal) 
         "SERVICE_ID": "SSH1",
         "BYTES_IN": "5",
     }
-    assert journal.pending() == 0
+    assert records[2]["MESSAGE"] == "last"
+    assert "TUNNEL" not in records[2]
     assert stream.getvalue() == ""
 
 
@@ -341,9 +291,11 @@ def test_a_proxy_sends_native_records_with_its_tunnel(journal: FakeJournal, tmp_
     )
     assert done.returncode == 0, done.stderr
     assert done.stderr == ""
-    assert journal.record() == {
-        "MESSAGE": "[t5] proxy.link: cannot use [secure]",
-        "PRIORITY": "4",
-        "SYSLOG_IDENTIFIER": "iotunnel-proxy",
-        "TUNNEL": "t5",
-    }
+    assert one(journal) == [
+        {
+            "MESSAGE": "[t5] proxy.link: cannot use [secure]",
+            "PRIORITY": "4",
+            "SYSLOG_IDENTIFIER": "iotunnel-proxy",
+            "TUNNEL": "t5",
+        }
+    ]
