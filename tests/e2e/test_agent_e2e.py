@@ -246,7 +246,10 @@ def test_open_tunnel_then_http_and_real_ssh_at_the_same_time(
     agent.wait_for(
         rf"<6>\[{tag}\] SSH1 connection \S+ to 127\.0\.0\.1:{ssh_port} closed \(\w+\): ", 60
     )
-    http_closed = rf"<6>\[{tag}\] HTTP1 connection \S+ to 127\.0\.0\.1:{http_port} closed \((?:local|peer)\): "
+    http_closed = (
+        rf"<6>\[{tag}\] HTTP1 connection \S+ to 127\.0\.0\.1:{http_port} "
+        r"closed \((?:local|peer)\): "
+    )
     deadline = time.monotonic() + 60
     while len(re.findall(http_closed, device.log)) < 20 and time.monotonic() < deadline:
         time.sleep(0.1)
