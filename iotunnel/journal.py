@@ -13,6 +13,11 @@ and inode of the stream it connected to stderr (:func:`stream_is_journal`). With
 project writes lines on stderr as before.
 
 Pure but for :class:`JournalSocket`; blocking like a write to stderr; no asyncio.
+
+Why not ``systemd-python`` (Debian's ``python3-systemd``): PyPI has no wheel of it, only a
+source archive that builds a C extension against libsystemd's headers, and the .deb vendors
+hash-pinned wheels only (packaging/lock.py); what the project needs of it, sending one record,
+is the protocol below.
 """
 
 from __future__ import annotations

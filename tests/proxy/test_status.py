@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from proxy.config import ProxySettings, load
+from proxy.io.local import format_address
 from proxy.io.tunnel import Tunnel
 from proxy.protocol.messages import MessageType
 from proxy.status import (
@@ -285,3 +286,18 @@ def settings(url: str, *args: str) -> ProxySettings:
     loaded = load(["-e", url, "-v", "2", *args], env, Path(__file__).parent)
     assert isinstance(loaded, ProxySettings)
     return loaded
+
+
+@pytest.mark.parametrize(
+    ("address", "text"),
+    [
+        (("127.0.0.1", 22), "127.0.0.1:22"),
+        (("::1", 22, 0, 0), "[::1]:22"),
+        ("/run/app.sock", "/run/app.sock"),
+        (b"\0abstract", "@abstract"),
+        ("", None),
+        (None, None),
+    ],
+)
+def test_the_local_endpoint_of_a_closed_event(address: object, text: str | None) -> None:
+    assert format_address(address) == text
