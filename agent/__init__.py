@@ -10,10 +10,11 @@ Modules, pure first::
 
     config       agent.ini + IOTUNNEL_* + flags -> AgentSettings (ConfigError -> exit 2)
     supervisor   pure policy: notifications and child exits in, start/stop/restart actions out
-    logs         journald-style one-line records, tunnel tags, secret redaction
+    logs         journald-style one-line records or native journal records, tags, redaction
+    report       audit lines, the status file (status.json), the STATUS= line, ``status``
     systemd      sd_notify client: READY/STATUS/WATCHDOG/STOPPING; no-op off systemd
     mqtt         awsiotsdk MQTT5 adapter; CRT callbacks marshalled onto the event loop
-    proxy_runner one child proxy process: spawn, re-log its output, stop
+    proxy_runner one child proxy process: spawn, read its status channel, stop
     daemon       the event loop: wires them together, carries out the supervisor's actions
-    cli          ``iotunnel-agent`` / ``python -m agent``
+    cli          ``iotunnel-agent`` / ``python -m agent``, ``iotunnel-agent status``
 """

@@ -2,6 +2,10 @@
 
 Exit codes: 0 after SIGTERM/SIGINT (every proxy child stopped first), 1 for an internal error,
 2 for a bad setting (one line on stderr naming the key, never a traceback).
+
+``iotunnel-agent status [--json] [--config FILE ...]`` shows the running agent's tunnels from
+the status file in its ``state_dir`` (:mod:`agent.report`): exit 0 when it runs, 3 when it does
+not, 4 when its status file cannot be read, 2 for a bad setting.
 """
 
 from __future__ import annotations
@@ -18,14 +22,17 @@ from agent.config import (
     CliExit,
     check_tls_files,
     load,
+    load_status,
     state_dir_problem,
     summary,
 )
-from agent.logs import configure
+from agent.logs import choose_output, configure
+from agent.report import status_command
 from agent.systemd import Notifier
 from iotunnel.cli import fail
 from iotunnel.errors import ConfigError
 from iotunnel.exits import ExitCode
+from iotunnel.journal import ENV_SOCKET
 
 #: A proxy password shorter than this is not redacted from log lines: it would garble them.
 _MIN_REDACTED = 8
@@ -42,11 +49,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     Returns:
         The process exit code.
     """
+    args = sys.argv[1:] if argv is None else list(argv)
+    if args[:1] == ["status"]:
+        return status(args[1:])
     # systemd's variables leave the environment here, before anything could start a child.
     notifier = Notifier.from_environ(os.environ)
     environ = dict(os.environ)
     try:
-        loaded = load(sys.argv[1:] if argv is None else argv, environ, Path.cwd())
+        loaded = load(args, environ, Path.cwd())
         if not isinstance(loaded, CliExit):
             check_tls_files(loaded.settings if isinstance(loaded, CheckOnly) else loaded)
     except ConfigError as exc:
@@ -71,7 +81,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stdout.write(summary(settings))
         notifier.close()
         return 0
-    redactor = configure(settings.log_level, sys.stderr, journal=not sys.stderr.isatty())
+    output = choose_output(environ, sys.stderr)
+    redactor = configure(
+        settings.log_level, sys.stderr, output, socket_path=environ.get(ENV_SOCKET) or None
+    )
     password = settings.https_proxy and settings.https_proxy.password
     if password and len(password.reveal()) >= _MIN_REDACTED:
         redactor.add(password.reveal())  # the last line of defence: nothing logs it
@@ -84,12 +97,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         "%s starting: thing %s, mappings in %s", PROG, settings.thing_name, settings.mapping_dir
     )
     try:
-        return run(settings, notifier, environ, redactor)
+        return run(settings, notifier, environ, redactor, output)
     except KeyboardInterrupt:  # Ctrl-C before the loop took over SIGINT
         return ExitCode.INTERRUPTED
     except Exception:
         log.exception("internal error")
         return ExitCode.INTERNAL
+
+
+def status(argv: Sequence[str]) -> int:
+    """``iotunnel-agent status``; see the module docstring."""
+    try:
+        loaded = load_status(argv, os.environ, Path.cwd())
+    except ConfigError as exc:
+        return fail(f"{PROG} status", exc)
+    if isinstance(loaded, CliExit):
+        sys.stdout.write(loaded.output)
+        return loaded.code
+    return status_command(loaded.state_dir, as_json=loaded.json, out=sys.stdout)
 
 
 if __name__ == "__main__":

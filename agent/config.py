@@ -57,8 +57,10 @@ __all__ = [
     "CliExit",
     "HttpProxy",
     "Pkcs11Key",
+    "StatusRequest",
     "check_tls_files",
     "load",
+    "load_status",
     "state_dir_problem",
     "summary",
 ]
@@ -489,13 +491,18 @@ def _log_level(given: _Given) -> int:
 # --------------------------------------------------------------------------- sources
 
 
-def _build_parser() -> Parser:
+def _build_parser(*, status: bool = False) -> Parser:
+    """The agent's parser; with ``status``, that of ``iotunnel-agent status`` (the same
+    settings, to find the state directory, and ``--json``)."""
     parser = Parser(
-        prog=PROG,
+        prog=f"{PROG} status" if status else PROG,
         add_help=False,
         description=(
-            "Device agent of AWS IoT Secure Tunneling: receives tunnel notifications over MQTT "
-            "and runs one destination-mode proxy per tunnel."
+            "Shows the running agent's tunnels (from the status file in its state_dir)."
+            if status
+            else "Device agent of AWS IoT Secure Tunneling: receives tunnel notifications over "
+            "MQTT and runs one destination-mode proxy per tunnel. "
+            f"'{PROG} status' shows the running agent's tunnels."
         ),
         epilog=(
             f"Every setting can also be given in the [agent] section of the settings file and "
@@ -510,9 +517,12 @@ def _build_parser() -> Parser:
         metavar="FILE",
         help=f"settings file (default: ${ENV_CONFIG}, else {DEFAULT_CONFIG})",
     )
-    parser.add_argument(
-        "--check", action="store_true", help="check the settings, print a summary and exit"
-    )
+    if status:
+        parser.add_argument("--json", action="store_true", help="print JSON, for programs")
+    else:
+        parser.add_argument(
+            "--check", action="store_true", help="check the settings, print a summary and exit"
+        )
     for key in KEYS:
         suffix = f" (default: {key.default})" if key.default else ""
         parser.add_argument(key.flag, dest=key.name, metavar=key.metavar, help=key.help + suffix)
@@ -792,6 +802,49 @@ def _key_file(cert: Path, key: Path) -> None:
         raise ConfigError(f"cert, key: cannot read: {exc.strerror or exc}") from None
 
 
+def _lookup(layers: Sequence[Mapping[str, _Given]], name: str, base: Path) -> _Given | None:
+    """The value of ``name`` in the first layer that has one, else its default."""
+    for layer in layers:
+        if name in layer:
+            return layer[name]
+    key = _KEYS_BY_NAME[name]
+    if key.default is not None:
+        return _Given(key.default, f"{name} (default)", base)
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class StatusRequest:
+    """``iotunnel-agent status``: where the running agent's state is, and the output form."""
+
+    state_dir: Path
+    json: bool
+
+
+def load_status(
+    argv: Sequence[str], environ: Mapping[str, str], cwd: Path | None = None
+) -> StatusRequest | CliExit:
+    """Parse ``iotunnel-agent status [--config FILE] [--json] [--KEY VALUE...]``: the same
+    settings as the agent's, of which only ``state_dir`` is used (the settings file must
+    still be valid).
+
+    Raises:
+        ConfigError: A bad flag, settings file or ``state_dir``.
+    """
+    base = Path.cwd() if cwd is None else cwd
+    parser = _build_parser(status=True)
+    namespace = parser.parse_args(list(argv))
+    if namespace.help:
+        return CliExit(0, parser.format_help())
+    if namespace.version:
+        return CliExit(0, f"{PROG} {__version__}\n")
+    _, from_file = _settings_file(namespace, environ, base)
+    layers = [_command_line(namespace, base), _environment(environ, base), from_file]
+    found = _lookup(layers, "state_dir", base)
+    assert found is not None  # it has a default
+    return StatusRequest(_path(found), bool(namespace.json))
+
+
 def load(
     argv: Sequence[str], environ: Mapping[str, str], cwd: Path | None = None
 ) -> AgentSettings | CheckOnly | CliExit:
@@ -820,13 +873,7 @@ def load(
     layers = [_command_line(namespace, base), _environment(environ, base), from_file]
 
     def given(name: str) -> _Given | None:
-        for layer in layers:
-            if name in layer:
-                return layer[name]
-        key = _KEYS_BY_NAME[name]
-        if key.default is not None:
-            return _Given(key.default, f"{name} (default)", base)
-        return None
+        return _lookup(layers, name, base)
 
     def required(name: str, convert: Callable[[_Given], _T]) -> _T:
         found = given(name)

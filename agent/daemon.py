@@ -12,21 +12,37 @@ disconnect from the broker, exit 0. The running tunnels stay in the state direct
 (:mod:`agent.state`): at its next start, before it connects to the broker, the agent resumes
 them with their tokens. A tunnel's file is written before its first proxy starts and removed
 when the tunnel ends (exit 0, 2 or 3, or given up); a stop or a crash of the agent keeps it.
+
+What the proxies report on their status channel becomes one audit line per closed connection,
+the STATUS= line and ``status.json`` in the state directory (:mod:`agent.report`), which
+``iotunnel-agent status`` reads; the file is removed when the agent stops.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
+import os
 import signal
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 from agent.config import AgentSettings
 from agent.diagnosis import explain
-from agent.logs import Redactor, tagged
+from agent.logs import AUDIT, Output, Redactor, child_log_env, tagged
 from agent.mqtt import Connected, ConnectFailed, Disconnected, Message, MqttLink
 from agent.proxy_runner import ProxyChild, child_argv, child_environment
+from agent.report import (
+    Snapshot,
+    TunnelReport,
+    audit_record,
+    process_start,
+    remove_snapshot,
+    status_line,
+    write_snapshot,
+)
 from agent.state import StateStore
 from agent.supervisor import (
     Action,
@@ -34,18 +50,22 @@ from agent.supervisor import (
     Log,
     ScheduleRestart,
     StartProxy,
+    State,
     StopProxy,
     Supervisor,
 )
 from agent.systemd import Notifier, watchdog_pings
 from iotunnel.errors import ConfigError
+from iotunnel.exits import ExitCode
 from iotunnel.mode import Mode
 from iotunnel.notify import Notification, Rejection, parse
 from proxy.config import read_mapping_dir
+from proxy.status import Closed, Event, Exited, Reconnecting
 
 __all__ = ["Agent", "run"]
 
 log = logging.getLogger("agent")
+audit = logging.getLogger(AUDIT)
 
 #: Seconds between SIGTERM and SIGKILL when a child is stopped.
 STOP_GRACE = 10.0
@@ -53,6 +73,22 @@ STOP_GRACE = 10.0
 RESUBSCRIBE_DELAY = 30.0
 #: Seconds that status changes are gathered into one STATUS= message.
 STATUS_COALESCE = 0.2
+#: The least number of seconds between two writes of the status file.
+SNAPSHOT_INTERVAL = 1.0
+#: Exits of a proxy that are no error (closed by the service, stopped by the agent).
+_NOT_ERRORS = (ExitCode.CLOSED, ExitCode.INTERRUPTED, ExitCode.TERMINATED)
+
+
+@dataclass(slots=True)
+class _Traffic:
+    """What the agent remembers of a tunnel across its proxy's restarts, for the status."""
+
+    services: tuple[str, ...]
+    since: float
+    closed: int = 0
+    bytes_in: int = 0
+    bytes_out: int = 0
+    last_error: str | None = None
 
 
 class Agent:
@@ -63,6 +99,7 @@ class Agent:
         notifier: The systemd notifier (a no-op one off systemd).
         base_env: The environment children start from (systemd's variables already removed).
         redactor: The log filter that must learn every token.
+        log_output: How the agent logs, and so how its proxies must.
     """
 
     def __init__(
@@ -71,11 +108,13 @@ class Agent:
         notifier: Notifier,
         base_env: Mapping[str, str],
         redactor: Redactor,
+        log_output: Output = Output.JOURNAL,
     ) -> None:
         self.settings = settings
         self.notifier = notifier
         self.base_env = dict(base_env)
         self.redactor = redactor
+        self.log_output = log_output
         self.supervisor = Supervisor(settings.max_tunnels)
         self.children: dict[str, ProxyChild] = {}
         self.connection = "connecting"
@@ -89,6 +128,11 @@ class Agent:
         self._all_stopped = asyncio.Event()
         self.store: StateStore | None = StateStore(settings.state_dir)
         self._kept: set[str] = set()  #: tags whose file is in the state directory
+        self._traffic: dict[str, _Traffic] = {}
+        self._since: dict[str, float] = {}  #: start times of resumed tunnels
+        self._snapshot_changed = asyncio.Event()
+        self._started = time.time()
+        self._pid_start = process_start(os.getpid())
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -103,7 +147,9 @@ class Agent:
                     tg.create_task(self._mqtt_events(link), name="agent.mqtt_events"),
                     tg.create_task(watchdog_pings(self.notifier), name="agent.watchdog"),
                     tg.create_task(self._status_updates(), name="agent.status"),
+                    tg.create_task(self._snapshot_updates(), name="agent.snapshot"),
                 ]
+                self._changed()
                 link.start()
                 await stop.wait()
                 self.notifier.stopping()
@@ -118,6 +164,11 @@ class Agent:
         finally:
             for timer in self._timers.values():
                 timer.cancel()
+            if self.store is not None:
+                try:
+                    remove_snapshot(self.settings.state_dir)
+                except OSError as exc:
+                    log.warning("cannot remove the status file: %s", exc.strerror or exc)
         log.info("stopped")
         return 0
 
@@ -168,6 +219,7 @@ class Agent:
             log.warning("%s", problem)
         for saved in loaded.tunnels:
             self._kept.add(saved.tag)
+            self._since[saved.tag] = saved.since
             self._carry_out(
                 self.supervisor.resumed(saved.tag, saved.notification, saved.client_token)
             )
@@ -305,6 +357,8 @@ class Agent:
             match action:
                 case Log(level=level, message=message, tag=tag):
                     log.log(level, "%s", message, extra=tagged(tag))
+                    if tag in self._traffic and level >= logging.WARNING:
+                        self._traffic[tag].last_error = message
                 case StartProxy():
                     self._start(action)
                 case StopProxy(tag=tag):
@@ -331,16 +385,22 @@ class Agent:
             self.redactor.add(token.reveal())
             self.redactor.add(client.reveal())
         self._keep_state(action)
+        if action.tag not in self._traffic:
+            since = self._since.pop(action.tag, None) or time.time()
+            self._traffic[action.tag] = _Traffic(action.notification.services, since)
+        tag = action.tag
         child = ProxyChild(
-            action.tag,
+            tag,
             child_argv(self.settings, action.notification),
             child_environment(
                 self.base_env,
                 token,
                 client,
                 None if self.settings.https_proxy is None else self.settings.https_proxy.url,
+                child_log_env(self.log_output, tag, self.base_env),
             ),
             on_streams=self._changed,
+            on_event=lambda event: self._child_event(tag, event),
             stop_grace=STOP_GRACE,
         )
         self.children[action.tag] = child
@@ -368,16 +428,75 @@ class Agent:
         """The tunnel is over: its tokens need no redaction any more."""
         for secret in self._secrets.pop(tag, ()):
             self.redactor.discard(secret)
+        self._traffic.pop(tag, None)
+        self._changed()
+
+    def _child_event(self, tag: str, event: Event) -> None:
+        """An event of a proxy's status channel: the audit line, the status."""
+        traffic = self._traffic.get(tag)
+        match event:
+            case Closed():
+                message, fields = audit_record(event)
+                audit.info("%s", message, extra=tagged(tag, fields))
+                if traffic is not None:
+                    traffic.closed += 1
+                    traffic.bytes_in += event.bytes_in
+                    traffic.bytes_out += event.bytes_out
+            case Reconnecting(reason=reason) if traffic is not None:
+                traffic.last_error = reason
+            case Exited(code=code, reason=reason) if traffic is not None:
+                if code not in _NOT_ERRORS:
+                    traffic.last_error = reason
+            case _:
+                pass
+        self._changed()
 
     # ------------------------------------------------------------------ status
 
     def summary(self) -> str:
         """The one-line status: connection, tunnels, streams."""
-        tunnels = self.supervisor.active
-        streams = sum(child.status.streams for child in self.children.values())
-        return (
-            f"MQTT {self.connection}; {tunnels} tunnel{'' if tunnels == 1 else 's'}, "
-            f"{streams} stream{'' if streams == 1 else 's'}"
+        return status_line(self.snapshot())
+
+    def snapshot(self) -> Snapshot:
+        """The agent and its tunnels now: what the status file and the STATUS= line show."""
+        tunnels = []
+        for tag in sorted(self._traffic, key=lambda t: int(t.removeprefix("t"))):
+            state = self.supervisor.state(tag)
+            if state is None:
+                continue
+            traffic = self._traffic[tag]
+            child = self.children.get(tag)
+            status = None if child is None else child.status
+            if state is State.WAITING:
+                shown = "restarting"
+            elif state is State.STOPPING:
+                shown = "stopping"
+            elif status is not None and status.connected:
+                shown = "connected"
+            elif status is not None and status.reconnect_reason is not None:
+                shown = "reconnecting"
+            else:
+                shown = "connecting"
+            tunnels.append(
+                TunnelReport(
+                    tag=tag,
+                    services=traffic.services,
+                    since=traffic.since,
+                    state=shown,
+                    open=0 if status is None else status.streams,
+                    closed=traffic.closed,
+                    bytes_in=traffic.bytes_in,
+                    bytes_out=traffic.bytes_out,
+                    last_error=traffic.last_error,
+                )
+            )
+        return Snapshot(
+            pid=os.getpid(),
+            pid_start=self._pid_start,
+            started=self._started,
+            updated=time.time(),
+            mqtt=self.connection,
+            tunnels=tuple(tunnels),
         )
 
     def _set_connection(self, text: str) -> None:
@@ -386,6 +505,7 @@ class Agent:
 
     def _changed(self) -> None:
         self._status_changed.set()
+        self._snapshot_changed.set()
 
     async def _status_updates(self) -> None:
         last = ""
@@ -399,9 +519,38 @@ class Agent:
                 log.debug("status: %s", text)
                 last = text
 
+    async def _snapshot_updates(self) -> None:
+        """Write the status file when something changed, at most every SNAPSHOT_INTERVAL s."""
+        loop = asyncio.get_running_loop()
+        last_write = -math.inf
+        complained = False
+        while True:
+            await self._snapshot_changed.wait()
+            wait = SNAPSHOT_INTERVAL - (loop.time() - last_write)
+            if wait > 0:
+                await asyncio.sleep(wait)
+            self._snapshot_changed.clear()
+            if self.store is None:  # no usable state directory
+                continue
+            last_write = loop.time()
+            try:
+                write_snapshot(self.settings.state_dir, self.snapshot())
+            except OSError as exc:
+                if not complained:
+                    log.warning(
+                        "cannot write the status file in %s: %s",
+                        self.settings.state_dir,
+                        exc.strerror or exc,
+                    )
+                complained = True
+
 
 def run(
-    settings: AgentSettings, notifier: Notifier, base_env: Mapping[str, str], redactor: Redactor
+    settings: AgentSettings,
+    notifier: Notifier,
+    base_env: Mapping[str, str],
+    redactor: Redactor,
+    log_output: Output = Output.JOURNAL,
 ) -> int:
     """Run the agent until SIGTERM or SIGINT; returns the exit code."""
 
@@ -423,7 +572,7 @@ def run(
                 "mapping files are read for every notification"
             ),
         )
-        agent = Agent(settings, notifier, base_env, redactor)
+        agent = Agent(settings, notifier, base_env, redactor, log_output)
         return await agent.run(stop)
 
     try:

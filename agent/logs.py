@@ -1,10 +1,15 @@
-"""Logging for the agent: one line per record on stderr, journald priority prefixes, tags.
+"""Logging for the agent: one record per line on stderr, or native journal records; tags.
 
 Under systemd, stderr goes to journald, which reads a leading ``<N>`` as the record's syslog
 priority (``<3>`` error, ``<4>`` warning, ``<6>`` info, ``<7>`` debug) and stamps the time
-itself, so a record is ``<6>[t1] proxy: connected to the tunnel service``. On a terminal the
-prefix gives way to a timestamp and the level name. Records of one tunnel, the agent's and its
-proxy's, carry the tunnel's tag (``t1``, ``t2``: a counter, never derived from a token).
+itself, so a record is ``<6>[t1] new tunnel for SSH1 (region us-east-1)``. When stderr *is* the
+journal (``JOURNAL_STREAM``), records go to journald natively instead, with fields:
+``TUNNEL=t1`` on a tunnel's records, and the audit line's ``SERVICE_ID=``, ``BYTES_IN=``...
+(:mod:`iotunnel.logs`, :mod:`iotunnel.journal`). On a terminal the prefix gives way to a
+timestamp and the level name. Records of one tunnel, the agent's and its proxy's, carry the
+tunnel's tag (``t1``, ``t2``: a counter, never derived from a token). The proxies write their
+own records to the agent's stderr, which they inherit, in the same form (:func:`child_log_env`):
+the agent reads none of their lines.
 
 Newlines are escaped so that a record is always one line, and every registered secret is
 replaced by ``[secure]`` as a last line of defence: no code path logs a token on purpose.
@@ -13,63 +18,62 @@ replaced by ``[secure]`` as a last line of defence: no code path logs a token on
 from __future__ import annotations
 
 import logging
-import re
-from typing import Any, TextIO
+from collections.abc import Mapping
+from typing import TextIO
 
-from iotunnel.logs import install, one_line, redact
-
-__all__ = [
-    "JournalFormatter",
-    "Redactor",
-    "TextFormatter",
-    "configure",
-    "parse_proxy_line",
-    "priority",
-]
-
-#: The attribute of a :class:`logging.LogRecord` that holds the tunnel tag.
-TAG = "tunnel"
-
-_PROXY_LINE_RE = re.compile(
-    r"\S+ \S+ (?P<level>TRACE|DEBUG|INFO|WARNING|ERROR|CRITICAL) (?P<text>.*)"
+from iotunnel.journal import ENV_SOCKET, stream_is_journal
+from iotunnel.logs import (
+    ENV_LOG_FORMAT,
+    ENV_LOG_TAG,
+    TAG,
+    JournalFormatter,
+    Output,
+    TextFormatter,
+    install,
+    output_handler,
+    priority,
+    redact,
+    tagged,
 )
 
+__all__ = [
+    "AUDIT",
+    "ENV_LOG_FORMAT",
+    "ENV_LOG_TAG",
+    "TAG",
+    "JournalFormatter",
+    "Output",
+    "Redactor",
+    "TextFormatter",
+    "child_log_env",
+    "choose_output",
+    "configure",
+    "priority",
+    "tagged",
+]
 
-def priority(level: int) -> int:
-    """The syslog priority of a :mod:`logging` level."""
-    if level >= logging.CRITICAL:
-        return 2
-    if level >= logging.ERROR:
-        return 3
-    if level >= logging.WARNING:
-        return 4
-    if level >= logging.INFO:
-        return 6
-    return 7
-
-
-class JournalFormatter(logging.Formatter):
-    """``<priority>[tag] message``, on one line."""
-
-    def body(self, record: logging.LogRecord) -> str:
-        """The tag and the message, with any exception appended, on one line."""
-        text = record.getMessage()
-        if record.exc_info:
-            record.exc_text = record.exc_text or self.formatException(record.exc_info)
-        if record.exc_text:
-            text = f"{text} | {record.exc_text}"
-        tag = getattr(record, TAG, None)
-        return one_line(f"[{tag}] {text}" if tag else text)
-
-    def format(self, record: logging.LogRecord) -> str:
-        return f"<{priority(record.levelno)}>{self.body(record)}"
+#: The logger of the audit lines: at INFO whatever ``log_level`` says.
+AUDIT = "agent.audit"
 
 
-class TextFormatter(JournalFormatter):
-    """``time LEVEL [tag] message``, on one line: for a terminal."""
+def choose_output(environ: Mapping[str, str], stream: TextIO) -> Output:
+    """Native journal records when ``stream`` is the journal, plain lines on a terminal,
+    ``<N>`` lines otherwise (journald reading a stream, or a file)."""
+    try:
+        fd = stream.fileno()
+    except (OSError, ValueError):
+        return Output.JOURNAL
+    if stream_is_journal(environ, fd):
+        return Output.NATIVE
+    return Output.TEXT if stream.isatty() else Output.JOURNAL
 
-    def format(self, record: logging.LogRecord) -> str:
-        return f"{self.formatTime(record)} {record.levelname} {self.body(record)}"
+
+def child_log_env(output: Output, tag: str, environ: Mapping[str, str]) -> dict[str, str]:
+    """What tells a proxy child to log as the agent does, tagged ``tag``."""
+    env = {ENV_LOG_FORMAT: output.value, ENV_LOG_TAG: tag}
+    if output is Output.NATIVE and environ.get(ENV_SOCKET):
+        env[ENV_SOCKET] = environ[ENV_SOCKET]
+    return env
 
 
 class Redactor(logging.Filter):
@@ -98,37 +102,25 @@ class Redactor(logging.Filter):
         return True
 
 
-def parse_proxy_line(line: str) -> tuple[int | None, str]:
-    """Split a line a proxy child wrote: ``(level, text)``, or ``(None, line)`` for others.
-
-    A proxy's records look like ``2025-01-01 10:00:00,000 INFO proxy: connected ...``; the
-    time is dropped (journald has its own) and the level kept. Other lines (a traceback's
-    continuation) come back whole with no level.
-    """
-    match = _PROXY_LINE_RE.fullmatch(line)
-    if match is None:
-        return None, line
-    name = match["level"]
-    level = logging.DEBUG if name == "TRACE" else logging.getLevelName(name)
-    return int(level), match["text"]
-
-
-def configure(level: int, stream: TextIO, *, journal: bool) -> Redactor:
-    """Send every record to ``stream``, one line each; returns the redaction filter.
+def configure(
+    level: int,
+    stream: TextIO,
+    output: Output = Output.JOURNAL,
+    *,
+    socket_path: str | None = None,
+) -> Redactor:
+    """Send every record to ``stream`` (or the journal), one line each; returns the redaction
+    filter.
 
     Args:
-        level: The lowest level logged.
-        stream: Where records go (stderr).
-        journal: Write journald priority prefixes (else timestamps and level names).
+        level: The lowest level logged (the audit lines are logged whatever it is).
+        stream: Where records go (stderr), and native records journald refused.
+        output: The form of the records.
+        socket_path: journald's native socket, when not the default one.
     """
-    handler = logging.StreamHandler(stream)
-    handler.setFormatter(JournalFormatter() if journal else TextFormatter())
+    handler = output_handler(output, stream, identifier="iotunnel-agent", socket_path=socket_path)
     redactor = Redactor()
     handler.addFilter(redactor)
     install(handler, level)
+    logging.getLogger(AUDIT).setLevel(logging.INFO)
     return redactor
-
-
-def tagged(tag: str | None) -> dict[str, Any]:
-    """The ``extra`` that tags a record with a tunnel."""
-    return {TAG: tag} if tag else {}

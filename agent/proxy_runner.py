@@ -4,9 +4,10 @@ The child is ``python -m proxy -m dst --config-dir DIR -r REGION`` (or ``-e ENDP
 with a tunnel endpoint override), started with :func:`asyncio.create_subprocess_exec`: awscrt
 is not fork-safe, and a spawned child runs no code of the parent. The access token and the
 client token reach it through its environment only, never its command line; the systemd
-variables do not reach it at all. Its stdout and stderr are read line by line and re-logged,
-tagged with the tunnel's tag, at the level the proxy gave each line; its verbosity follows the
-agent's ``log_level``.
+variables do not reach it at all. It inherits the agent's stderr (its stdout goes there too) and
+writes its records there itself, in the agent's form and tagged with the tunnel's tag, as the
+agent tells it in its environment (:func:`agent.logs.child_log_env`): the agent reads none of
+its lines. Its verbosity follows the agent's ``log_level``.
 
 What the agent knows of a child's state (connected, its services, its open connections) comes
 from the child's status channel (:mod:`proxy.status`): a pipe whose write end the child
@@ -25,7 +26,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from agent.config import AgentSettings
-from agent.logs import parse_proxy_line, tagged
+from agent.logs import tagged
 from agent.systemd import ENV_VARIABLES
 from iotunnel.exits import ExitCode
 from iotunnel.notify import Notification
@@ -53,7 +54,8 @@ log = logging.getLogger("agent.proxy")
 _VERBOSITY = {logging.DEBUG: "5", logging.INFO: "4", logging.WARNING: "3", logging.ERROR: "2"}
 #: Where the ``proxy`` package the agent runs lives; the child runs the same one.
 _PROJECT_ROOT = str(Path(__file__).resolve().parent.parent)
-_LINE_LIMIT = 64 * 1024
+#: The child's stdout goes to the agent's stderr (it writes nothing there in destination mode).
+_STDERR = 2
 
 
 def child_argv(settings: AgentSettings, notification: Notification) -> list[str]:
@@ -85,11 +87,13 @@ def child_environment(
     access_token: Secret,
     client_token: Secret,
     https_proxy: Secret | None = None,
+    log_env: Mapping[str, str] | None = None,
 ) -> dict[str, str]:
     """The child's environment: ``base`` without systemd's, the agent's and stray tunnel
-    variables, plus the two tokens; with ``https_proxy`` (the agent's proxy URL, which may hold
-    a password: the environment is the only place it goes) as ``https_proxy`` and
-    ``HTTPS_PROXY``, and no other proxy variable that could win over them. ``NO_PROXY`` passes.
+    variables, plus the two tokens and how to log (``log_env``); with ``https_proxy`` (the
+    agent's proxy URL, which may hold a password: the environment is the only place it goes) as
+    ``https_proxy`` and ``HTTPS_PROXY``, and no other proxy variable that could win over them.
+    ``NO_PROXY`` passes.
     """
     env = {
         name: value
@@ -104,6 +108,7 @@ def child_environment(
     env["PYTHONUNBUFFERED"] = "1"
     env[ENV_ACCESS_TOKEN] = access_token.reveal()
     env[ENV_CLIENT_TOKEN] = client_token.reveal()
+    env.update(log_env or {})
     return env
 
 
@@ -204,6 +209,8 @@ class _StatusReader(asyncio.Protocol):
             )
         if child.status.apply(event):
             child.changed()
+        if child.on_event is not None:
+            child.on_event(event)
 
     def _complain(self, problem: str) -> None:
         """One warning per child; later bad lines only at debug level."""
@@ -229,6 +236,7 @@ class ProxyChild:
         argv: The command line (:func:`child_argv`).
         env: The environment (:func:`child_environment`).
         on_streams: Called with no argument whenever the number of open connections changes.
+        on_event: Called with every event of the status channel, after :attr:`status` took it.
         stop_grace: Seconds between SIGTERM and SIGKILL in :meth:`stop`.
     """
 
@@ -239,12 +247,14 @@ class ProxyChild:
         env: dict[str, str],
         *,
         on_streams: Callable[[], None],
+        on_event: Callable[[Event], None] | None = None,
         stop_grace: float = 10.0,
     ) -> None:
         self.tag = tag
         self._argv = argv
         self._env = env
         self._on_streams = on_streams
+        self.on_event = on_event
         self._stop_grace = stop_grace
         self._process: asyncio.subprocess.Process | None = None
         self._kill_timer: asyncio.TimerHandle | None = None
@@ -258,7 +268,8 @@ class ProxyChild:
         return None if self._process is None else self._process.pid
 
     async def run(self) -> tuple[int, float]:
-        """Start the process, relay its output until it exits; returns (exit code, uptime).
+        """Start the process, read its status channel until it exits; returns (exit code,
+        uptime).
 
         A process that cannot be started counts as exit code 1 (a crash).
         """
@@ -268,12 +279,11 @@ class ProxyChild:
             self._process = await asyncio.create_subprocess_exec(
                 *self._argv,
                 stdin=asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.STDOUT,
+                stdout=_STDERR,
+                stderr=None,  # inherited: the child writes its own records
                 env={**self._env, ENV_STATUS_FD: str(write_end)},
                 pass_fds=(write_end,),
                 cwd="/",
-                limit=_LINE_LIMIT,
             )
         except OSError as exc:
             os.close(read_end)
@@ -290,8 +300,6 @@ class ProxyChild:
         try:
             loop = asyncio.get_running_loop()
             transport, _ = await loop.connect_read_pipe(lambda: reader, pipe)
-            assert self._process.stdout is not None
-            await self._relay(self._process.stdout)
             code = await self._process.wait()
             # The pipe ends with the child (unless a grandchild holds it: then do not wait).
             with contextlib.suppress(TimeoutError):
@@ -315,24 +323,6 @@ class ProxyChild:
     def changed(self) -> None:
         """The number of open connections changed."""
         self._on_streams()
-
-    async def _relay(self, stream: asyncio.StreamReader) -> None:
-        level = logging.INFO
-        while True:
-            try:
-                raw = await stream.readline()
-            except ValueError:  # a line longer than the limit: drop what is buffered
-                raw = await stream.read(_LINE_LIMIT)
-                log.warning("the proxy wrote an overlong line", extra=tagged(self.tag))
-                continue
-            if not raw:
-                return
-            line = raw.decode("utf-8", "replace").rstrip("\r\n")
-            parsed, text = parse_proxy_line(line)
-            if parsed is not None:
-                level = parsed  # a line without a level continues the record before it
-            if log.isEnabledFor(level):
-                log.log(level, "%s", text, extra=tagged(self.tag))
 
     def stop(self) -> None:
         """SIGTERM now, SIGKILL after the grace period if it is still running."""

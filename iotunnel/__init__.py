@@ -11,7 +11,8 @@ Each contract is defined once:
 - :mod:`iotunnel.rules` -- validation rules (service IDs, thing names, tokens, regions, hosts);
 - :mod:`iotunnel.boundedjson` -- the JSON reader for anything from outside;
 - :mod:`iotunnel.cli` -- the argument-parser base (one-line errors, exit 2);
-- :mod:`iotunnel.logs` -- logging setup and secret redaction.
+- :mod:`iotunnel.logs` -- logging setup and secret redaction, the agent's and its proxies' forms;
+- :mod:`iotunnel.journal` -- journald's native protocol (records with fields).
 
 Everything here but ``cli`` and ``logs`` is pure (no I/O, no logging); the sans-IO protocol core
 (:mod:`proxy.protocol`) imports ``errors``, ``mode`` and ``rules``.

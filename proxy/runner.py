@@ -32,7 +32,9 @@ def run(settings: ProxySettings) -> int:
     if settings.client_token is not None:
         secrets.append(settings.client_token.reveal())
     register_secrets(secrets)
-    configure(settings.verbosity)
+    log_problem = configure(settings.verbosity, environ=os.environ)
+    if log_problem is not None:
+        log.warning("%s", log_problem)
     if settings.access_token_from_argv:
         log.warning(
             "the access token was given with -t: other users can read a command line; "

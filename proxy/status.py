@@ -10,13 +10,16 @@ imported by both sides::
     {"event": "services", "service_ids": ["SSH1", "HTTP1"]}
     {"event": "opened", "service_id": "SSH1", "connection": "SSH1/2/1"}
     {"event": "closed", "service_id": "SSH1", "connection": "SSH1/2/1",
-     "bytes_in": 1200, "bytes_out": 5300, "duration": 4.25, "how": "local"}
+     "bytes_in": 1200, "bytes_out": 5300, "duration": 4.25, "how": "local",
+     "local": "127.0.0.1:22"}
     {"event": "reconnecting", "reason": "...", "delay": 1.5}
     {"event": "exit", "code": 0, "reason": "..."}
 
 ``bytes_in`` went from the tunnel to the local peer, ``bytes_out`` the other way; ``how`` is
 ``local`` (the local end closed), ``peer`` (the tunnel peer closed) or ``reset`` (the
-tunnel's session ended). A ``connected``, a ``reconnecting`` and an ``exit`` mean that no
+tunnel's session ended); ``local`` is the local end: the address a destination connected to, or
+the one a source listened on (``127.0.0.1:22``, ``[::1]:22``, a Unix socket's path), or null
+when unknown. A ``connected``, a ``reconnecting`` and an ``exit`` mean that no
 connection of before is open any more. Any line may carry ``"dropped": N``: the events the
 writer dropped so far because the pipe was full.
 
@@ -99,6 +102,7 @@ class Closed:
     bytes_out: int  #: local peer -> tunnel
     duration: float  #: seconds it was open
     how: str  #: ``local``, ``peer`` or ``reset``
+    local: str | None = None  #: the local endpoint (``127.0.0.1:22``), when known
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,6 +167,7 @@ def _encode(event: Event, dropped: int, chars: int, items: int) -> bytes:
                 "bytes_out": event.bytes_out,
                 "duration": round(event.duration, 3),
                 "how": event.how,
+                "local": None if event.local is None else _text(event.local),
             }
         case Reconnecting(reason=reason, delay=delay):
             body |= {"reason": _text(reason), "delay": round(delay, 3)}
@@ -222,6 +227,7 @@ def decode(line: bytes) -> tuple[Event | None, int]:
             _field(body, "bytes_out", int),
             _field(body, "duration", float),
             _field(body, "how", str),
+            _optional_text(body, "local"),
         )
     elif name == "reconnecting":
         event = Reconnecting(_field(body, "reason", str), _field(body, "delay", float))

@@ -24,6 +24,18 @@ from proxy.protocol.session import DataFramer
 _LINGER_RESET = struct.pack("ii", 1, 0)
 
 
+def format_address(address: object) -> str | None:
+    """A socket address as ``host:port``, ``[v6]:port`` or a path; ``None`` when unknown."""
+    if isinstance(address, tuple) and len(address) >= 2:
+        host, port = address[0], address[1]
+        return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+    if isinstance(address, bytes):  # an abstract Unix socket
+        address = address.decode("utf-8", "replace").replace("\0", "@", 1)
+    if isinstance(address, str) and address:
+        return address
+    return None
+
+
 class Owner(TypingProtocol):
     """The tunnel, as its connections see it."""
 
@@ -59,9 +71,18 @@ class LocalConnection(asyncio.Protocol):
         self.bytes_written = 0
         #: When the tunnel reported it open (loop time), or None: not reported, or reported closed.
         self.opened_at: float | None = None
+        #: The local endpoint, for the status channel (set when reported open).
+        self.endpoint: str | None = None
 
     def __repr__(self) -> str:
         return f"LocalConnection({self.ref})"
+
+    def address(self, side: str) -> str | None:
+        """This connection's ``"sockname"`` or ``"peername"`` as ``host:port``, ``[v6]:port`` or
+        a Unix socket's path; ``None`` when unknown."""
+        if self.transport is None:
+            return None
+        return format_address(self.transport.get_extra_info(side))
 
     # ------------------------------------------------------------ asyncio.Protocol
 

@@ -496,6 +496,9 @@ class Tunnel:
     def _report_opened(self, conn: LocalConnection) -> None:
         if conn.ref is not None and conn.opened_at is None:
             conn.opened_at = asyncio.get_running_loop().time()
+            # The local end: what a destination connected to, what a source listened on.
+            side = "peername" if self.session.role is Mode.DESTINATION else "sockname"
+            conn.endpoint = conn.address(side)
             self.status.emit(Opened(conn.ref.service_id, str(conn.ref)))
 
     def _report_closed(self, conn: LocalConnection, how: str) -> None:
@@ -506,7 +509,15 @@ class Tunnel:
         conn.opened_at = None
         ref = conn.ref
         self.status.emit(
-            Closed(ref.service_id, str(ref), conn.bytes_written, conn.bytes_read, duration, how)
+            Closed(
+                ref.service_id,
+                str(ref),
+                conn.bytes_written,
+                conn.bytes_read,
+                duration,
+                how,
+                conn.endpoint,
+            )
         )
 
     def _open_local(self, ref: ConnectionRef) -> None:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -14,6 +16,7 @@ from agent import daemon
 from agent.config import AgentSettings
 from agent.logs import Redactor
 from agent.mqtt import Message
+from agent.report import Snapshot
 from agent.systemd import Notifier
 
 SECRET = "AQGAAXiT2bY7-secret-in-an-exception-0123456789"
@@ -125,3 +128,88 @@ def test_a_publish_that_cannot_be_read_is_dropped_on_the_crt_thread(
     assert [r.getMessage() for r in caplog.records] == [
         "cannot read an MQTT message: TypeError; dropped"
     ]
+
+
+class FakeChild:
+    """Stands in for ProxyChild: runs until told to exit; the test feeds its status events."""
+
+    def __init__(self, tag: str, argv: list[str], env: dict[str, str], **kwargs: object) -> None:
+        from agent.proxy_runner import ChildStatus
+
+        self.tag, self.env = tag, env
+        self.on_event = kwargs["on_event"]
+        self.status = ChildStatus()
+        self.exit: asyncio.Future[tuple[int, float]] = asyncio.get_running_loop().create_future()
+        CHILDREN.append(self)
+
+    async def run(self) -> tuple[int, float]:
+        return await self.exit
+
+    def event(self, event: object) -> None:
+        self.status.apply(event)  # type: ignore[arg-type]
+        self.on_event(event)  # type: ignore[operator]
+
+    def stop(self) -> None:
+        if not self.exit.done():
+            self.exit.set_result((143, 1.0))
+
+
+CHILDREN: list[FakeChild] = []
+
+
+def test_child_events_make_audit_lines_and_the_status(
+    device: DeviceFiles,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    tmp_path: Path,
+) -> None:
+    from agent.logs import AUDIT
+    from agent.report import status_line
+    from iotunnel.notify import Notification
+    from iotunnel.secret import Secret
+    from proxy.status import Closed, Connected, Opened, Reconnecting, Services
+
+    monkeypatch.setattr(daemon, "ProxyChild", FakeChild)
+    CHILDREN.clear()
+    settings = dataclasses.replace(agent_settings(device), state_dir=tmp_path / "state")
+    token = "AQGAA-destination-token-0123456789abcdef"
+
+    async def scenario() -> tuple[daemon.Agent, Snapshot]:
+        agent = daemon.Agent(settings, Notifier(None), {}, Redactor())
+        async with asyncio.TaskGroup() as tg:
+            agent._tg = tg
+            agent._notified(Notification(Secret(token), "us-east-1", ("SSH1",)))
+            [child] = CHILDREN
+            assert child.env["IOTUNNEL_LOG_TAG"] == "t1"
+            assert child.env["IOTUNNEL_LOG_FORMAT"] == "journal"
+            child.event(Connected(3))
+            child.event(Services(("SSH1",)))
+            child.event(Opened("SSH1", "SSH1/1/1"))
+            child.event(Opened("SSH1", "SSH1/1/2"))
+            assert agent.summary() == "MQTT connecting; 1 tunnel, 2 streams"
+            child.event(Closed("SSH1", "SSH1/1/1", 2048, 100, 3.5, "peer", "127.0.0.1:22"))
+            child.event(Reconnecting("lost the connection (1006)", 1.0))
+            shot = agent.snapshot()
+            agent._carry_out(agent.supervisor.shutdown())
+        return agent, shot
+
+    with caplog.at_level(logging.DEBUG, logger="agent"):
+        agent, shot = asyncio.run(scenario())
+    [audit] = [r for r in caplog.records if r.name == AUDIT]
+    assert audit.getMessage() == (
+        "SSH1 connection 1/1 to 127.0.0.1:22 closed (peer): 2.0 KiB in, 100 B out, 00:00:03"
+    )
+    assert audit.tunnel == "t1"  # type: ignore[attr-defined]
+    assert audit.journal_fields["BYTES_IN"] == "2048"  # type: ignore[attr-defined]
+    [tunnel] = shot.tunnels
+    assert (tunnel.tag, tunnel.services, tunnel.state, tunnel.open) == (
+        "t1",
+        ("SSH1",),
+        "reconnecting",
+        0,
+    )
+    assert (tunnel.closed, tunnel.bytes_in, tunnel.bytes_out) == (1, 2048, 100)
+    assert tunnel.last_error == "lost the connection (1006)"
+    assert status_line(shot) == "MQTT connecting; 1 tunnel, 0 streams"
+    assert agent.snapshot().tunnels == ()  # stopped: the tunnel is gone
+    assert token not in caplog.text

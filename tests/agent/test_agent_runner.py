@@ -85,6 +85,15 @@ def test_environment_carries_the_tokens_and_nothing_of_systemd() -> None:
     for gone in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "IOTUNNEL_CLIENT_ID"):
         assert gone not in env
     assert "AWSIOT_TUNNEL_ENDPOINT" not in env
+    assert "IOTUNNEL_LOG_TAG" not in env
+
+
+def test_environment_tells_the_child_how_to_log() -> None:
+    base = {"IOTUNNEL_LOG_FORMAT": "text", "IOTUNNEL_LOG_TAG": "t9"}
+    env = child_environment(
+        base, TOKEN, CLIENT, {"IOTUNNEL_LOG_FORMAT": "journal", "IOTUNNEL_LOG_TAG": "t3"}
+    )
+    assert (env["IOTUNNEL_LOG_FORMAT"], env["IOTUNNEL_LOG_TAG"]) == ("journal", "t3")
 
 
 @pytest.mark.parametrize(
@@ -124,8 +133,8 @@ def test_child_status_counts_open_connections() -> None:
 FAKE_PROXY = f"""
 import os, sys
 status = int(os.environ["IOTUNNEL_STATUS_FD"])
-print("2025-01-01 10:00:00,000 INFO proxy: starting in destination mode")
-print("2025-01-01 10:00:00,001 DEBUG proxy: connection A/1/1: connected to the local service")
+sys.stderr.write("<6>[t7] proxy: starting in destination mode\\n")
+print("on stdout", flush=True)
 os.write(status, {encode(Connected(3))!r})
 os.write(status, {encode(Opened("A", "A/1/1"))!r})
 os.write(status, {encode(Opened("A", "A/2/1"))!r})
@@ -135,35 +144,42 @@ os.write(status, b"not json\\n" + b"x" * 10000 + b"\\n" + b"[1]\\n")  # ignored,
 os.write(status, {encode(Opened("A", "A/3/1"), dropped=2)!r})
 os.write(status, {encode(Closed("A", "A/3/1", 0, 0, 0.1, "peer"), dropped=3)!r})
 os.write(status, {encode(Opened("A", "A/4/1"), dropped=3)!r})
-print("2025-01-01 10:00:00,002 ERROR proxy: internal error")
-print("Traceback (most recent call last):")
-print("2025-01-01 10:00:00,003 WARNING proxy: giving up", flush=True)
+sys.stderr.write("<4>[t7] proxy: giving up\\n")
 sys.exit(4)
 """
 
 
-def test_output_is_relogged_tagged_at_the_proxy_level(caplog: pytest.LogCaptureFixture) -> None:
+def test_the_child_writes_to_the_agents_stderr_and_reports_on_its_channel(
+    caplog: pytest.LogCaptureFixture, capfd: pytest.CaptureFixture[str]
+) -> None:
     caplog.set_level(logging.DEBUG, logger="agent.proxy")
     changes: list[int] = []
-    child = ProxyChild("t7", [sys.executable, "-c", FAKE_PROXY], {}, on_streams=lambda: None)
+    events: list[object] = []
+    child = ProxyChild(
+        "t7",
+        [sys.executable, "-c", FAKE_PROXY],
+        {},
+        on_streams=lambda: None,
+        on_event=events.append,
+    )
     child._on_streams = lambda: changes.append(child.status.streams)
     code, uptime = asyncio.run(child.run())
     assert code == 4
     assert uptime >= 0
-    relayed = [
-        (r.levelno, r.getMessage(), getattr(r, "tunnel", None))
-        for r in caplog.records
-        if r.name == "agent.proxy" and "status" not in r.getMessage()
+    # Its lines reach the agent's stderr as the child wrote them, and the agent reads none.
+    assert capfd.readouterr().err == (
+        "<6>[t7] proxy: starting in destination mode\non stdout\n<4>[t7] proxy: giving up\n"
+    )
+    logged = [r.getMessage() for r in caplog.records if "status" not in r.getMessage()]
+    assert len(logged) == 1
+    assert logged[0].startswith("started a destination proxy, pid ")
+    assert events[:4] == [
+        Connected(3),
+        Opened("A", "A/1/1"),
+        Opened("A", "A/2/1"),
+        Closed("A", "A/2/1", 1, 2, 0.5, "peer"),
     ]
-    assert relayed[0][0] == logging.INFO
-    assert relayed[0][1].startswith("started a destination proxy, pid ")
-    assert relayed[1:] == [
-        (logging.INFO, "proxy: starting in destination mode", "t7"),
-        (logging.DEBUG, "proxy: connection A/1/1: connected to the local service", "t7"),
-        (logging.ERROR, "proxy: internal error", "t7"),
-        (logging.ERROR, "Traceback (most recent call last):", "t7"),
-        (logging.WARNING, "proxy: giving up", "t7"),
-    ]
+    assert len(events) == 7
     # Streams counted from the status channel (not from the debug line), cleared at the end.
     assert changes == [1, 2, 1, 2, 1, 2, 0]
     assert child.status.dropped == 3
@@ -181,10 +197,12 @@ def test_output_is_relogged_tagged_at_the_proxy_level(caplog: pytest.LogCaptureF
     ]
 
 
-SLEEPER = "import time\nprint('2025-01-01 10:00:00,000 INFO proxy: up', flush=True)\ntime.sleep(60)"
+UP = f"os.write(int(os.environ['IOTUNNEL_STATUS_FD']), {encode(Connected(3))!r})\n"
+SLEEPER = "import os, time\n" + UP + "time.sleep(60)"
 STUBBORN = (
-    "import signal, time\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
-    "print('2025-01-01 10:00:00,000 INFO proxy: up', flush=True)\ntime.sleep(60)"
+    "import os, signal, time\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+    + UP
+    + "time.sleep(60)"
 )
 
 
@@ -197,25 +215,19 @@ def test_stop_terminates_then_kills(
     caplog.set_level(logging.INFO, logger="agent.proxy")
 
     async def scenario() -> int:
-        child = ProxyChild(
-            "t1", [sys.executable, "-c", script], {}, on_streams=lambda: None, stop_grace=0.2
-        )
         up = asyncio.Event()
-
-        class Seen(logging.Handler):
-            def emit(self, record: logging.LogRecord) -> None:
-                if record.getMessage() == "proxy: up":
-                    up.set()
-
-        handler = Seen()
-        logging.getLogger("agent.proxy").addHandler(handler)
-        try:
-            task = asyncio.create_task(child.run())
-            await asyncio.wait_for(up.wait(), 20_000 * ms)  # its SIGTERM handler is in place
-            child.stop()
-            got, _ = await asyncio.wait_for(task, 20_000 * ms)
-        finally:
-            logging.getLogger("agent.proxy").removeHandler(handler)
+        child = ProxyChild(
+            "t1",
+            [sys.executable, "-c", script],
+            {},
+            on_streams=lambda: None,
+            on_event=lambda _: up.set(),
+            stop_grace=0.2,
+        )
+        task = asyncio.create_task(child.run())
+        await asyncio.wait_for(up.wait(), 20_000 * ms)  # its SIGTERM handler is in place
+        child.stop()
+        got, _ = await asyncio.wait_for(task, 20_000 * ms)
         return got
 
     assert asyncio.run(scenario()) == code

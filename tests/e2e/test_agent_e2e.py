@@ -242,6 +242,18 @@ def test_open_tunnel_then_http_and_real_ssh_at_the_same_time(
     assert ssh_run.returncode == 0, ssh_run.stderr
     assert ssh_run.stdout == "ok\n"
     assert results == [(200, index)] * 20
+    # The audit trail: one line per connection, 20 HTTP requests and one ssh session.
+    agent.wait_for(
+        rf"<6>\[{tag}\] SSH1 connection \S+ to 127\.0\.0\.1:{ssh_port} closed \(\w+\): ", 60
+    )
+    http_closed = (
+        rf"<6>\[{tag}\] HTTP1 connection \S+ to 127\.0\.0\.1:{http_port} "
+        r"closed \((?:local|peer)\): "
+    )
+    deadline = time.monotonic() + 60
+    while len(re.findall(http_closed, device.log)) < 20 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert len(re.findall(http_closed, device.log)) == 20
 
     # The tokens: in the child's environment only, nowhere in a command line or a log.
     env = child_environ(pid)

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from proxy.config import ProxySettings, load
+from proxy.io.local import format_address
 from proxy.io.tunnel import Tunnel
 from proxy.protocol.messages import MessageType
 from proxy.status import (
@@ -41,6 +42,7 @@ EVENTS: list[Event] = [
     Services(()),
     Opened("SSH1", "SSH1/2/1"),
     Closed("SSH1", "SSH1/2/1", 1200, 5300, 4.25, "local"),
+    Closed("SSH1", "SSH1/2/2", 1, 2, 0.5, "peer", "[::1]:22"),
     Reconnecting("lost the connection after 3.0 s (1006)", 1.5),
     Exited(0, "the tunnel service closed the tunnel"),
 ]
@@ -71,7 +73,7 @@ def test_every_event_survives_encode_and_decode(event: Event) -> None:
 
 
 def test_the_wire_form_is_the_documented_one() -> None:
-    line = encode(Closed("SSH1", "SSH1/2/1", 1, 2, 0.5, "peer"), dropped=3)
+    line = encode(Closed("SSH1", "SSH1/2/1", 1, 2, 0.5, "peer", "127.0.0.1:22"), dropped=3)
     assert json.loads(line) == {
         "event": "closed",
         "service_id": "SSH1",
@@ -80,6 +82,7 @@ def test_the_wire_form_is_the_documented_one() -> None:
         "bytes_out": 2,
         "duration": 0.5,
         "how": "peer",
+        "local": "127.0.0.1:22",
         "dropped": 3,
     }
     assert decode(line)[1] == 3
@@ -234,6 +237,7 @@ def test_a_destination_tunnel_reports_what_happens() -> None:
 
         local = await asyncio.start_server(on_connect, "127.0.0.1", 0)
         port = local.sockets[0].getsockname()[1]
+        ports.append(port)
         seen: list[Event | None] = []
         try:
             async with FakeService(("SSH1",)) as fake:
@@ -256,7 +260,9 @@ def test_a_destination_tunnel_reports_what_happens() -> None:
             local.close()
         return seen
 
+    ports: list[int] = []
     events = asyncio.run(test())
+    [port] = ports
     assert events[:3] == [Connected(3, None), Services(("SSH1",)), Opened("SSH1", "SSH1/1/1")]
     closed = events[3]
     assert isinstance(closed, Closed)
@@ -266,6 +272,7 @@ def test_a_destination_tunnel_reports_what_happens() -> None:
         6,
         "local",
     )
+    assert closed.local == f"127.0.0.1:{port}"  # the endpoint the destination connected to
     assert closed.duration >= 0
     reconnecting = events[4]
     assert isinstance(reconnecting, Reconnecting)
@@ -279,3 +286,18 @@ def settings(url: str, *args: str) -> ProxySettings:
     loaded = load(["-e", url, "-v", "2", *args], env, Path(__file__).parent)
     assert isinstance(loaded, ProxySettings)
     return loaded
+
+
+@pytest.mark.parametrize(
+    ("address", "text"),
+    [
+        (("127.0.0.1", 22), "127.0.0.1:22"),
+        (("::1", 22, 0, 0), "[::1]:22"),
+        ("/run/app.sock", "/run/app.sock"),
+        (b"\0abstract", "@abstract"),
+        ("", None),
+        (None, None),
+    ],
+)
+def test_the_local_endpoint_of_a_closed_event(address: object, text: str | None) -> None:
+    assert format_address(address) == text
