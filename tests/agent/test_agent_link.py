@@ -274,7 +274,9 @@ def test_a_password_on_the_command_line_is_warned_about_and_redacted(
     """At start (the agent's run replaced): a warning, and the password is redacted from logs."""
     import agent.daemon
 
-    def run(settings: AgentSettings, notifier: object, env: object, redactor: object) -> int:
+    def run(
+        settings: AgentSettings, notifier: object, env: object, redactor: object, output: object
+    ) -> int:
         logging.getLogger("agent").info("a line that quotes %s by mistake", PASSWORD)
         return 0
 

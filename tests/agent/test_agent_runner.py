@@ -91,7 +91,7 @@ def test_environment_carries_the_tokens_and_nothing_of_systemd() -> None:
 def test_environment_tells_the_child_how_to_log() -> None:
     base = {"IOTUNNEL_LOG_FORMAT": "text", "IOTUNNEL_LOG_TAG": "t9"}
     env = child_environment(
-        base, TOKEN, CLIENT, {"IOTUNNEL_LOG_FORMAT": "journal", "IOTUNNEL_LOG_TAG": "t3"}
+        base, TOKEN, CLIENT, log_env={"IOTUNNEL_LOG_FORMAT": "journal", "IOTUNNEL_LOG_TAG": "t3"}
     )
     assert (env["IOTUNNEL_LOG_FORMAT"], env["IOTUNNEL_LOG_TAG"]) == ("journal", "t3")
 
