@@ -59,8 +59,8 @@ from iotunnel.errors import ConfigError
 from iotunnel.exits import ExitCode
 from iotunnel.mode import Mode
 from iotunnel.notify import Notification, Rejection, parse
+from iotunnel.status import Closed, Event, Exited, Reconnecting
 from proxy.config import read_mapping_dir
-from proxy.status import Closed, Event, Exited, Reconnecting
 
 __all__ = ["Agent", "run"]
 

@@ -10,7 +10,7 @@ agent tells it in its environment (:func:`agent.logs.child_log_env`): the agent 
 its lines. Its verbosity follows the agent's ``log_level``.
 
 What the agent knows of a child's state (connected, its services, its open connections) comes
-from the child's status channel (:mod:`proxy.status`): a pipe whose write end the child
+from the child's status channel (:mod:`iotunnel.status`): a pipe whose write end the child
 inherits, named by ``IOTUNNEL_STATUS_FD``, carrying JSON lines. Never from its log lines.
 """
 
@@ -29,10 +29,10 @@ from agent.config import AgentSettings
 from agent.logs import tagged
 from agent.systemd import ENV_VARIABLES
 from iotunnel.exits import ExitCode
+from iotunnel.handshake import ENV_ACCESS_TOKEN, ENV_CLIENT_TOKEN
 from iotunnel.notify import Notification
 from iotunnel.secret import Secret
-from proxy.config import ENV_ACCESS_TOKEN, ENV_CLIENT_TOKEN
-from proxy.status import (
+from iotunnel.status import (
     ENV_STATUS_FD,
     Closed,
     Connected,

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from iotunnel.boundedjson import JSONInputError, loads
-from proxy.status import Closed
+from iotunnel.status import Closed
 
 __all__ = [
     "EXIT_NOT_RUNNING",

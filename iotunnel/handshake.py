@@ -11,6 +11,8 @@ from __future__ import annotations
 __all__ = [
     "ACCESS_HEADER",
     "CLIENT_HEADER",
+    "ENV_ACCESS_TOKEN",
+    "ENV_CLIENT_TOKEN",
     "MODE_QUERY",
     "SUBPROTOCOLS",
     "V1_SUBPROTOCOL",
@@ -30,3 +32,7 @@ MODE_QUERY = "local-proxy-mode"
 ACCESS_HEADER = "access-token"
 #: The header that carries the optional client token.
 CLIENT_HEADER = "client-token"
+#: The environment variables that hand a proxy its tokens (the reference proxy's names); the
+#: agent sets them for each destination proxy it starts, never a command-line flag.
+ENV_ACCESS_TOKEN = "AWSIOT_TUNNEL_ACCESS_TOKEN"  # noqa: S105 - a variable's name
+ENV_CLIENT_TOKEN = "AWSIOT_TUNNEL_CLIENT_TOKEN"  # noqa: S105 - a variable's name

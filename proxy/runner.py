@@ -15,11 +15,11 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 from iotunnel.exits import ExitCode
+from iotunnel.status import Exited, StatusWriter
 from proxy.config import ProxySettings
 from proxy.io.memory import tune_allocator
 from proxy.io.tunnel import Tunnel
 from proxy.logs import configure, register_secrets
-from proxy.status import Exited, StatusWriter
 
 log = logging.getLogger("proxy")
 

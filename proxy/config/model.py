@@ -10,6 +10,8 @@ import re
 from dataclasses import dataclass
 from typing import NamedTuple
 
+from iotunnel.handshake import ENV_ACCESS_TOKEN as ENV_ACCESS_TOKEN
+from iotunnel.handshake import ENV_CLIENT_TOKEN as ENV_CLIENT_TOKEN
 from iotunnel.mode import Mode
 from iotunnel.secret import Secret
 from proxy.protocol.messages import MAX_PAYLOAD
@@ -18,8 +20,6 @@ from proxy.protocol.messages import MAX_PAYLOAD
 PROG = "iotunnel-proxy"
 
 # Variable names, not secrets:
-ENV_ACCESS_TOKEN = "AWSIOT_TUNNEL_ACCESS_TOKEN"  # noqa: S105
-ENV_CLIENT_TOKEN = "AWSIOT_TUNNEL_CLIENT_TOKEN"  # noqa: S105
 ENV_ENDPOINT = "AWSIOT_TUNNEL_ENDPOINT"
 ENV_REGION = "AWSIOT_TUNNEL_REGION"
 

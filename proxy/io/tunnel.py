@@ -28,6 +28,7 @@ from websockets.exceptions import ConnectionClosed
 from iotunnel.errors import ConfigError
 from iotunnel.exits import ExitCode
 from iotunnel.mode import Mode
+from iotunnel.status import Closed, Connected, Opened, Reconnecting, Services, StatusWriter
 from proxy.config import Endpoint, ProxySettings
 from proxy.errors import TransportError
 from proxy.io.link import LinkOptions, close_cause, open_link, prepare
@@ -52,7 +53,6 @@ from proxy.protocol.actions import (
 )
 from proxy.protocol.session import TunnelSession
 from proxy.retry import backoff, is_retryable
-from proxy.status import Closed, Connected, Opened, Reconnecting, Services, StatusWriter
 
 log = logging.getLogger("proxy")
 
@@ -87,7 +87,7 @@ class Tunnel:
 
     def __init__(self, settings: ProxySettings, status: StatusWriter | None = None) -> None:
         self.settings = settings
-        #: Where the tunnel reports its state to a supervisor (proxy/status.py).
+        #: Where the tunnel reports its state to a supervisor (iotunnel/status.py).
         self.status = status or StatusWriter(None)
         #: Why the run ended, for the status channel's exit event.
         self.exit_reason = ""

@@ -167,7 +167,7 @@ def test_child_events_make_audit_lines_and_the_status(
     from agent.report import status_line
     from iotunnel.notify import Notification
     from iotunnel.secret import Secret
-    from proxy.status import Closed, Connected, Opened, Reconnecting, Services
+    from iotunnel.status import Closed, Connected, Opened, Reconnecting, Services
 
     monkeypatch.setattr(daemon, "ProxyChild", FakeChild)
     CHILDREN.clear()

@@ -30,7 +30,7 @@ from agent.report import (
     write_snapshot,
 )
 from agent.state import StateStore
-from proxy.status import Closed
+from iotunnel.status import Closed
 
 
 @pytest.mark.parametrize(

@@ -20,7 +20,7 @@ from agent.proxy_runner import (
 )
 from iotunnel.notify import Notification
 from iotunnel.secret import Secret
-from proxy.status import Closed, Connected, Exited, Opened, Reconnecting, Services, encode
+from iotunnel.status import Closed, Connected, Exited, Opened, Reconnecting, Services, encode
 
 TOKEN = Secret("destination-token-value")
 CLIENT = Secret("c" * 64)

@@ -1,4 +1,4 @@
-"""proxy.status: the status channel's schema, its non-blocking writer, and what a real
+"""iotunnel.status: the status channel's schema, its non-blocking writer, and what a real
 :class:`~proxy.io.tunnel.Tunnel` reports on it."""
 
 from __future__ import annotations
@@ -13,11 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from proxy.config import ProxySettings, load
-from proxy.io.local import format_address
-from proxy.io.tunnel import Tunnel
-from proxy.protocol.messages import MessageType
-from proxy.status import (
+from iotunnel.status import (
     ENV_STATUS_FD,
     MAX_LINE,
     Closed,
@@ -33,6 +29,10 @@ from proxy.status import (
     decode,
     encode,
 )
+from proxy.config import ProxySettings, load
+from proxy.io.local import format_address
+from proxy.io.tunnel import Tunnel
+from proxy.protocol.messages import MessageType
 from testbed.fake_service import FakeService
 
 EVENTS: list[Event] = [
