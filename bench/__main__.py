@@ -31,7 +31,17 @@ from pathlib import Path
 from typing import Any
 
 from bench import soak
-from testbed.harness import ROOT, Proc, Stack, Tunnel, agent_ini, free_port, peak_rss_kib, rss_kib
+from testbed.harness import (
+    ROOT,
+    HarnessError,
+    Proc,
+    Stack,
+    Tunnel,
+    agent_ini,
+    free_port,
+    peak_rss_kib,
+    rss_kib,
+)
 from testbed.mqtt import mosquitto_binary
 from testbed.pki import PKI
 
@@ -82,16 +92,24 @@ def start(workdir: Path, pki: PKI, proxy_cmd: str | None, service_args: list[str
         ca_dir = str(pki.hashed_ca_directory(workdir / "ca-dir"))
         base = [*shlex.split(proxy_cmd), "-e", f"127.0.0.1:{port}", "-c", ca_dir]
         dst = stack.start("destination", [*base, "-d", dmap, "-t", tunnel.destination_token])
-        service.wait_for(r"peer connected: tunnel bench destination")
+        _wait_connected(service, dst, "destination")
         http1, ssh1 = free_port(), free_port()
         smap = f"HTTP1={http1},SSH1={ssh1}"
         src = stack.start("source", [*base, "-s", smap, "-t", tunnel.source_token])
-        service.wait_for(r"peer connected: tunnel bench source")
+        _wait_connected(service, src, "source")
         time.sleep(1.0)  # no portable readiness line: give the listeners a moment
         return Setup(stack, service, dst, src, http1, ssh1)
     except BaseException:
         stack.close()
         raise
+
+
+def _wait_connected(service: Proc, proxy: Proc, mode: str) -> None:
+    """Wait for the service to see ``proxy`` connect; on failure, say what the proxy printed."""
+    try:
+        service.wait_for(rf"peer connected: tunnel bench {mode}", timeout=60)
+    except HarnessError as exc:
+        raise HarnessError(f"{exc}\n{mode} proxy output:\n{proxy.output()[-3000:]}") from None
 
 
 def load(kind: str, port: int, *args: str, timeout: float = 900) -> dict[str, Any]:
