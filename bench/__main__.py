@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench import soak
+from bench import agent_scale, soak
 from testbed.harness import ROOT, Proc, Stack, Tunnel, agent_ini, free_port, peak_rss_kib, rss_kib
 from testbed.mqtt import mosquitto_binary
 from testbed.pki import PKI
@@ -354,8 +354,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--soak-wave", type=int, default=100, metavar="N")
     parser.add_argument("--json", type=Path, help="default: bench/out/results.json (soak.json)")
     parser.add_argument("--workdir", default="/tmp/iotunnel-bench")
+    parser.add_argument(
+        "--agent-scale", action="store_true", help="only the agent with 1, 4, 16 tunnels"
+    )
     args = parser.parse_args(argv)
-    if args.soak:
+    if args.agent_scale:
+        workdir, pki, results = _prepare(args)
+        results["agent_scale"] = agent_scale.agent_scale(workdir / "agent-scale", pki)
+        text = agent_scale.table(results["agent_scale"])
+    elif args.soak:
         results = run_soak(args)
         text = soak.table(results)
     else:
