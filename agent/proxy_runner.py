@@ -1,13 +1,16 @@
 """One destination-mode proxy child process: its command line, environment, output and stop.
 
 The child is ``python -m proxy -m dst --config-dir DIR -r REGION`` (or ``-e ENDPOINT [-c CA]``
-with a tunnel endpoint override), started with :func:`asyncio.create_subprocess_exec`: awscrt
-is not fork-safe, and a spawned child runs no code of the parent. The access token and the
-client token reach it through its environment only, never its command line; the systemd
-variables do not reach it at all. It inherits the agent's stderr (its stdout goes there too) and
-writes its records there itself, in the agent's form and tagged with the tunnel's tag, as the
-agent tells it in its environment (:func:`agent.logs.child_log_env`): the agent reads none of
-its lines. Its verbosity follows the agent's ``log_level``.
+with a tunnel endpoint override). With ``launcher = fork`` (the default) the agent's launcher
+forks it from a process that has the proxy imported already (:mod:`agent.launcher`: the agent
+itself never forks, awscrt is not fork-safe); with ``launcher = spawn``, or when the launcher
+cannot, it is started with :func:`asyncio.create_subprocess_exec`. The access token and the
+client token reach it through its environment only (over the launcher's socket when forked),
+never its command line; the systemd variables do not reach it at all. It inherits the agent's
+stderr (its stdout goes there too) and writes its records there itself, in the agent's form
+and tagged with the tunnel's tag, as the agent tells it in its environment
+(:func:`agent.logs.child_log_env`): the agent reads none of its lines. Its verbosity follows
+the agent's ``log_level``.
 
 What the agent knows of a child's state (connected, its services, its open connections) comes
 from the child's status channel (:mod:`proxy.status`): a pipe whose write end the child
@@ -318,6 +321,9 @@ class ProxyChild:
             os.close(read_end)
             log.error("cannot start the proxy: %s", exc, extra=tagged(self.tag))
             return ExitCode.INTERNAL, 0.0  # restarted like a crash
+        except asyncio.CancelledError:  # a forked child is killed by the launcher
+            os.close(read_end)
+            raise
         finally:
             os.close(write_end)  # the child's copy is the only one: its exit ends the pipe
         log.info("started a destination proxy, pid %d", self._process.pid, extra=tagged(self.tag))

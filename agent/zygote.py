@@ -74,8 +74,11 @@ def main(argv: list[str]) -> int:
     sock = socket.socket(fileno=int(argv[0]))
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, signal.SIG_IGN)
+    # As the gc module's documentation advises for fork without exec: no collection here (it
+    # would leave freed holes in the pages the children share, which their allocations would
+    # then fill, and so copy), everything frozen, collections enabled again in each child.
+    gc.disable()
     preload(argv[1] if len(argv) == 2 else None)
-    gc.collect()
     gc.freeze()
     wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
     signal.set_wakeup_fd(wake_w)
@@ -136,7 +139,7 @@ def _serve(sock: socket.socket, data: bytes, fds: list[int], closing: tuple[Any,
             send(sock, {"op": "started", "id": request_id, "pid": pid}, [pidfd])
         finally:
             os.close(pidfd)
-    except (ValueError, KeyError, TypeError, OSError) as exc:
+    except (ValueError, KeyError, TypeError, AttributeError, OSError) as exc:
         problem = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
         with contextlib.suppress(OSError):
             send(sock, {"op": "failed", "id": request_id, "error": problem[:200]})
@@ -151,6 +154,7 @@ def _child(
     """In the forked child: become ``python -m proxy ARGS`` with ``env``; never returns."""
     code: int = 1
     try:
+        gc.enable()
         signal.set_wakeup_fd(-1)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)

@@ -282,6 +282,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             results[label] = section
         finally:
             setup.stack.close()
+    if args.proxy_cmd is None:  # the agent with 1, 4 and 16 tunnels (about 50 s)
+        results["agent_scale"] = agent_scale.agent_scale(workdir / "agent-scale", pki)
     return results
 
 
@@ -368,6 +370,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
         results = run(args)
         text = table(results)
+        if "agent_scale" in results:
+            text += "\n" + agent_scale.table(results["agent_scale"])
     json_path = args.json or ROOT / "bench" / "out" / ("soak.json" if args.soak else "results.json")
     json_path.parent.mkdir(parents=True, exist_ok=True)
     json_path.write_text(json.dumps(results, indent=2))

@@ -171,13 +171,15 @@ def _one_launcher(
             tunnels[0].source_token, service_port, "HTTP1=0", ["HTTP1"], ca=pki.ca.cert
         )
         pids = descendants(agent.pid)
-        before = _total(pids, cpu_seconds)
+        before, clock = _total(pids, cpu_seconds), time.monotonic()
         moved = load("download", source.ports["HTTP1"], "--bytes", str(transfer))
-        used = _total(pids, cpu_seconds) - before
+        used, elapsed = _total(pids, cpu_seconds) - before, time.monotonic() - clock
         cpu = {
             "cap_bytes_per_s": cap,
             "bytes": moved["bytes"],
             "cpu_s_per_gb": round(used / (moved["bytes"] / 1e9), 2),
+            "seconds": round(elapsed, 1),
+            "cpu_percent": round(100 * used / elapsed, 1),
         }
         for result in results:
             result["cpu_at_cap"] = cpu["cpu_s_per_gb"]

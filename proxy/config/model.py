@@ -12,7 +12,7 @@ from typing import NamedTuple
 
 from iotunnel.mode import Mode
 from iotunnel.secret import Secret
-from proxy.protocol.messages import MAX_PAYLOAD
+from proxy.protocol.limits import MAX_PAYLOAD
 
 #: The program name shown in help and error messages.
 PROG = "iotunnel-proxy"
