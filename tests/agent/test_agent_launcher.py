@@ -168,3 +168,30 @@ def test_a_killed_zygote_is_restarted_for_the_next_child(caplog: pytest.LogCaptu
     assert (code, forked) == (2, True)
     assert new != old
     assert "the launcher (zygote) exited; it is restarted" in caplog.text
+
+
+def test_without_a_launcher_the_proxies_are_spawned(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A zygote that cannot start: one warning, and each proxy is a new process as before."""
+    caplog.set_level(logging.WARNING, logger="agent")
+    argv = [sys.executable, "-m", "proxy", "--no-such-flag"]
+    monkeypatch.setattr("agent.launcher.sys.executable", "/nonexistent/python")
+
+    async def scenario() -> list[tuple[int, bool]]:
+        launcher = Launcher(os.environ, None)
+        launcher.start()
+        try:
+            results = []
+            for tag in ("t1", "t2"):
+                child = ProxyChild(
+                    tag, argv, environment(), on_streams=lambda: None, launcher=launcher
+                )
+                code, _ = await child.run()
+                results.append((code, isinstance(child._process, ForkedProcess)))
+            return results
+        finally:
+            launcher.close()
+
+    assert asyncio.run(scenario()) == [(2, False), (2, False)]
+    assert caplog.text.count("starting each proxy as a new process instead") == 1
