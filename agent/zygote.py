@@ -77,6 +77,10 @@ def main(argv: list[str]) -> int:
     # As the gc module's documentation advises for fork without exec: no collection here (it
     # would leave freed holes in the pages the children share, which their allocations would
     # then fill, and so copy), everything frozen, collections enabled again in each child.
+    try:  # no pidfds (Linux < 5.3, a seccomp filter): the agent spawns its proxies instead
+        os.close(os.pidfd_open(os.getpid()))
+    except OSError:
+        return 3
     gc.disable()
     preload(argv[1] if len(argv) == 2 else None)
     gc.freeze()
@@ -134,9 +138,16 @@ def _serve(sock: socket.socket, data: bytes, fds: list[int], closing: tuple[Any,
         pid = os.fork()
         if pid == 0:
             _child([str(a) for a in argv[3:]], env, fds[0], fds[1], closing)
-        pidfd = os.pidfd_open(pid)
+        try:
+            pidfd = os.pidfd_open(pid)
+        except OSError:
+            os.kill(pid, signal.SIGKILL)  # the agent could not supervise it: it must not run
+            raise
         try:
             send(sock, {"op": "started", "id": request_id, "pid": pid}, [pidfd])
+        except OSError:
+            os.kill(pid, signal.SIGKILL)
+            raise
         finally:
             os.close(pidfd)
     except (ValueError, KeyError, TypeError, AttributeError, OSError) as exc:
