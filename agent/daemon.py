@@ -31,6 +31,7 @@ from dataclasses import dataclass
 
 from agent.config import AgentSettings
 from agent.diagnosis import explain
+from agent.launcher import Launcher
 from agent.logs import AUDIT, Output, Redactor, child_log_env, tagged
 from agent.mqtt import Connected, ConnectFailed, Disconnected, Message, MqttLink
 from agent.proxy_runner import ProxyChild, child_argv, child_environment
@@ -60,6 +61,7 @@ from iotunnel.exits import ExitCode
 from iotunnel.mode import Mode
 from iotunnel.notify import Notification, Rejection, parse
 from iotunnel.status import Closed, Event, Exited, Reconnecting
+from iotunnel.status import Connected as TunnelConnected
 from proxy.config import read_mapping_dir
 
 __all__ = ["Agent", "run"]
@@ -130,14 +132,22 @@ class Agent:
         self._kept: set[str] = set()  #: tags whose file is in the state directory
         self._traffic: dict[str, _Traffic] = {}
         self._since: dict[str, float] = {}  #: start times of resumed tunnels
+        #: When the notification of a starting tunnel arrived (monotonic), until it connects.
+        self._arrived: dict[str, float] = {}
         self._snapshot_changed = asyncio.Event()
         self._started = time.time()
         self._pid_start = process_start(os.getpid())
+        #: The zygote that forks the proxies (``launcher = fork``), or None to spawn them.
+        self.launcher = (
+            Launcher(self.base_env, settings.tunnel_ca) if settings.launcher == "fork" else None
+        )
 
     # ------------------------------------------------------------------ lifecycle
 
     async def run(self, stop: asyncio.Event) -> int:
         """Run until ``stop`` is set; returns the exit code (0)."""
+        if self.launcher is not None:  # first: it imports the proxy while MQTT connects
+            self.launcher.start()
         link = MqttLink(self.settings, asyncio.get_running_loop())
         try:
             async with asyncio.TaskGroup() as tg:
@@ -164,6 +174,8 @@ class Agent:
         finally:
             for timer in self._timers.values():
                 timer.cancel()
+            if self.launcher is not None:
+                self.launcher.close()
             if self.store is not None:
                 try:
                     remove_snapshot(self.settings.state_dir)
@@ -331,6 +343,7 @@ class Agent:
             )
 
     def _on_message(self, topic: str, payload: bytes) -> None:
+        arrived = time.monotonic()
         if topic != self.settings.topic:
             log.debug("ignoring a message on %s", topic)
             return
@@ -344,10 +357,15 @@ class Agent:
         if isinstance(result, Rejection):
             log.warning("notification rejected: %s", result.reason)
             return
-        self._notified(result)
+        self._notified(result, arrived)
 
-    def _notified(self, notification: Notification) -> None:
-        self._carry_out(self.supervisor.notified(notification))
+    def _notified(self, notification: Notification, arrived: float | None = None) -> None:
+        actions = self.supervisor.notified(notification)
+        if arrived is not None:
+            for action in actions:
+                if isinstance(action, StartProxy):
+                    self._arrived[action.tag] = arrived
+        self._carry_out(actions)
 
     # ------------------------------------------------------------------ actions
 
@@ -402,6 +420,7 @@ class Agent:
             on_streams=self._changed,
             on_event=lambda event: self._child_event(tag, event),
             stop_grace=STOP_GRACE,
+            launcher=self.launcher,
         )
         self.children[action.tag] = child
         task = self._tg.create_task(self._run_child(child), name=f"agent[{action.tag}].proxy")
@@ -426,6 +445,7 @@ class Agent:
 
     def _forget(self, tag: str) -> None:
         """The tunnel is over: its tokens need no redaction any more."""
+        self._arrived.pop(tag, None)
         for secret in self._secrets.pop(tag, ()):
             self.redactor.discard(secret)
         self._traffic.pop(tag, None)
@@ -435,6 +455,14 @@ class Agent:
         """An event of a proxy's status channel: the audit line, the status."""
         traffic = self._traffic.get(tag)
         match event:
+            case TunnelConnected():
+                arrived = self._arrived.pop(tag, None)
+                if arrived is not None:  # the time to tunnel: the benchmark reads it
+                    log.info(
+                        "tunnel up %.0f ms after its notification",
+                        (time.monotonic() - arrived) * 1000,
+                        extra=tagged(tag),
+                    )
             case Closed():
                 message, fields = audit_record(event)
                 audit.info("%s", message, extra=tagged(tag, fields))

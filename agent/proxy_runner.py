@@ -1,13 +1,16 @@
 """One destination-mode proxy child process: its command line, environment, output and stop.
 
 The child is ``python -m proxy -m dst --config-dir DIR -r REGION`` (or ``-e ENDPOINT [-c CA]``
-with a tunnel endpoint override), started with :func:`asyncio.create_subprocess_exec`: awscrt
-is not fork-safe, and a spawned child runs no code of the parent. The access token and the
-client token reach it through its environment only, never its command line; the systemd
-variables do not reach it at all. It inherits the agent's stderr (its stdout goes there too) and
-writes its records there itself, in the agent's form and tagged with the tunnel's tag, as the
-agent tells it in its environment (:func:`agent.logs.child_log_env`): the agent reads none of
-its lines. Its verbosity follows the agent's ``log_level``.
+with a tunnel endpoint override). With ``launcher = fork`` (the default) the agent's launcher
+forks it from a process that has the proxy imported already (:mod:`agent.launcher`: the agent
+itself never forks, awscrt is not fork-safe); with ``launcher = spawn``, or when the launcher
+cannot, it is started with :func:`asyncio.create_subprocess_exec`. The access token and the
+client token reach it through its environment only (over the launcher's socket when forked),
+never its command line; the systemd variables do not reach it at all. It inherits the agent's
+stderr (its stdout goes there too) and writes its records there itself, in the agent's form
+and tagged with the tunnel's tag, as the agent tells it in its environment
+(:func:`agent.logs.child_log_env`): the agent reads none of its lines. Its verbosity follows
+the agent's ``log_level``.
 
 What the agent knows of a child's state (connected, its services, its open connections) comes
 from the child's status channel (:mod:`iotunnel.status`): a pipe whose write end the child
@@ -24,8 +27,10 @@ import sys
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Protocol
 
 from agent.config import AgentSettings
+from agent.launcher import ForkedProcess, Launcher, LauncherError
 from agent.logs import tagged
 from agent.systemd import ENV_VARIABLES
 from iotunnel.exits import ExitCode
@@ -110,6 +115,18 @@ def child_environment(
     env[ENV_CLIENT_TOKEN] = client_token.reveal()
     env.update(log_env or {})
     return env
+
+
+class _Process(Protocol):
+    """What a child needs of its process: a spawned one or one the launcher forked."""
+
+    @property
+    def pid(self) -> int: ...
+    @property
+    def returncode(self) -> int | None: ...
+    async def wait(self) -> int: ...
+    def terminate(self) -> None: ...
+    def kill(self) -> None: ...
 
 
 class ChildStatus:
@@ -238,6 +255,8 @@ class ProxyChild:
         on_streams: Called with no argument whenever the number of open connections changes.
         on_event: Called with every event of the status channel, after :attr:`status` took it.
         stop_grace: Seconds between SIGTERM and SIGKILL in :meth:`stop`.
+        launcher: The zygote that forks the child (:mod:`agent.launcher`), or ``None`` to
+            spawn it (also when the launcher cannot).
     """
 
     def __init__(
@@ -249,6 +268,7 @@ class ProxyChild:
         on_streams: Callable[[], None],
         on_event: Callable[[Event], None] | None = None,
         stop_grace: float = 10.0,
+        launcher: Launcher | None = None,
     ) -> None:
         self.tag = tag
         self._argv = argv
@@ -256,7 +276,8 @@ class ProxyChild:
         self._on_streams = on_streams
         self.on_event = on_event
         self._stop_grace = stop_grace
-        self._process: asyncio.subprocess.Process | None = None
+        self._launcher = launcher
+        self._process: _Process | None = None
         self._kill_timer: asyncio.TimerHandle | None = None
         self._stop_requested = False
         #: What the child's status channel reported.
@@ -275,20 +296,34 @@ class ProxyChild:
         """
         started = time.monotonic()
         read_end, write_end = os.pipe()
+        env = {**self._env, ENV_STATUS_FD: str(write_end)}
         try:
-            self._process = await asyncio.create_subprocess_exec(
-                *self._argv,
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=_STDERR,
-                stderr=None,  # inherited: the child writes its own records
-                env={**self._env, ENV_STATUS_FD: str(write_end)},
-                pass_fds=(write_end,),
-                cwd="/",
-            )
+            if self._launcher is not None and self._launcher.usable:
+                try:
+                    self._process = await self._launcher.spawn(self._argv, env, write_end, _STDERR)
+                except LauncherError as exc:
+                    log.warning(
+                        "the launcher cannot start the proxy (%s); starting a new process",
+                        exc,
+                        extra=tagged(self.tag),
+                    )
+            if self._process is None:
+                self._process = await asyncio.create_subprocess_exec(
+                    *self._argv,
+                    stdin=asyncio.subprocess.DEVNULL,
+                    stdout=_STDERR,
+                    stderr=None,  # inherited: the child writes its own records
+                    env=env,
+                    pass_fds=(write_end,),
+                    cwd="/",
+                )
         except OSError as exc:
             os.close(read_end)
             log.error("cannot start the proxy: %s", exc, extra=tagged(self.tag))
             return ExitCode.INTERNAL, 0.0  # restarted like a crash
+        except asyncio.CancelledError:  # a forked child is killed by the launcher
+            os.close(read_end)
+            raise
         finally:
             os.close(write_end)  # the child's copy is the only one: its exit ends the pipe
         log.info("started a destination proxy, pid %d", self._process.pid, extra=tagged(self.tag))
@@ -316,6 +351,9 @@ class ProxyChild:
                 await self._process.wait()
             if self._kill_timer is not None:
                 self._kill_timer.cancel()
+        if isinstance(self._process, ForkedProcess) and self._process.code_unknown:
+            # The zygote died before it reported the exit: the child's own report tells.
+            code = ExitCode.INTERNAL if self.status.exit is None else self.status.exit.code
         if self.status.ended():
             self._on_streams()
         return code, time.monotonic() - started

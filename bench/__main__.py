@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench import soak
+from bench import agent_scale, soak
 from testbed.harness import (
     ROOT,
     HarnessError,
@@ -300,6 +300,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             results[label] = section
         finally:
             setup.stack.close()
+    if args.proxy_cmd is None:  # the agent with 1, 4 and 16 tunnels (about 50 s)
+        results["agent_scale"] = agent_scale.agent_scale(workdir / "agent-scale", pki)
     return results
 
 
@@ -372,13 +374,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--soak-wave", type=int, default=100, metavar="N")
     parser.add_argument("--json", type=Path, help="default: bench/out/results.json (soak.json)")
     parser.add_argument("--workdir", default="/tmp/iotunnel-bench")
+    parser.add_argument(
+        "--agent-scale", action="store_true", help="only the agent with 1, 4, 16 tunnels"
+    )
     args = parser.parse_args(argv)
-    if args.soak:
+    if args.agent_scale:
+        workdir, pki, results = _prepare(args)
+        results["agent_scale"] = agent_scale.agent_scale(workdir / "agent-scale", pki)
+        text = agent_scale.table(results["agent_scale"])
+    elif args.soak:
         results = run_soak(args)
         text = soak.table(results)
     else:
         results = run(args)
         text = table(results)
+        if "agent_scale" in results:
+            text += "\n" + agent_scale.table(results["agent_scale"])
     json_path = args.json or ROOT / "bench" / "out" / ("soak.json" if args.soak else "results.json")
     json_path.parent.mkdir(parents=True, exist_ok=True)
     json_path.write_text(json.dumps(results, indent=2))

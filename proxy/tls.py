@@ -10,12 +10,33 @@ import os
 import re
 import ssl
 
-__all__ = ["CAError", "load_ca", "ssl_context"]
+__all__ = ["CAError", "load_ca", "prebuild", "ssl_context"]
 
 #: How OpenSSL names the entries of a CA directory: subject hash, dot, sequence number.
 _HASHED = re.compile(r"[0-9a-f]{8}\.[0-9]+")
 #: The files of a CA directory without hash links that are read as PEM CA certificates.
 CA_SUFFIXES = (".pem", ".crt", ".cer")
+
+
+#: Contexts built ahead of time (:func:`prebuild`), each handed out once.
+_prebuilt: dict[tuple[str | None, bool, str | None, str | None], ssl.SSLContext] = {}
+
+
+def _prebuilt_key(
+    ca_path: str | None, verify: bool
+) -> tuple[str | None, bool, str | None, str | None]:
+    return ca_path, verify, os.environ.get("SSL_CERT_FILE"), os.environ.get("SSL_CERT_DIR")
+
+
+def prebuild(ca_path: str | None, verify: bool) -> None:
+    """Build the context of ``ssl_context(ca_path, verify)`` now, for its first call (the
+    agent's launcher does it once before it forks the proxies: each child then skips loading
+    the CAs on its way to the tunnel). The environment's CA variables must not change between.
+
+    Raises:
+        CAError: ``ca_path`` cannot be loaded.
+    """
+    _prebuilt[_prebuilt_key(ca_path, verify)] = ssl_context(ca_path, verify)
 
 
 class CAError(ValueError):
@@ -37,6 +58,9 @@ def ssl_context(ca_path: str | None, verify: bool) -> ssl.SSLContext:
     Raises:
         CAError: ``ca_path`` cannot be loaded.
     """
+    ready = _prebuilt.pop(_prebuilt_key(ca_path, verify), None)
+    if ready is not None:
+        return ready
     if not verify:
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
         ctx.check_hostname = False

@@ -14,7 +14,7 @@ from iotunnel.handshake import ENV_ACCESS_TOKEN as ENV_ACCESS_TOKEN
 from iotunnel.handshake import ENV_CLIENT_TOKEN as ENV_CLIENT_TOKEN
 from iotunnel.mode import Mode
 from iotunnel.secret import Secret
-from proxy.protocol.messages import MAX_PAYLOAD
+from proxy.protocol.limits import MAX_PAYLOAD
 
 #: The program name shown in help and error messages.
 PROG = "iotunnel-proxy"

@@ -13,9 +13,8 @@ from google.protobuf.message import DecodeError
 
 from proxy.protocol._pb import Message_pb2 as _pb
 from proxy.protocol.errors import LocalProtocolError, RemoteProtocolError
+from proxy.protocol.limits import MAX_PAYLOAD as MAX_PAYLOAD
 
-#: Largest DATA payload (63 KiB), as the AWS service and the reference proxy enforce it.
-MAX_PAYLOAD = 64512
 #: Largest serialised message: the 2-byte length prefix cannot say more.
 MAX_MESSAGE = 0xFFFF
 

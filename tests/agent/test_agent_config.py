@@ -39,6 +39,8 @@ def error(argv: list[str], environ: dict[str, str] | None = None, cwd: Path = RO
 
 def test_file_values_and_defaults(device: DeviceFiles) -> None:
     s = settings(["--config", str(device.ini)])
+    assert s.launcher == "fork"
+    assert settings(["--config", str(device.ini), "--launcher", "spawn"]).launcher == "spawn"
     assert s.endpoint == "broker.example.net"
     assert s.port == 8883
     assert s.client_id == s.thing_name == "thing-1"
@@ -115,6 +117,7 @@ def test_shipped_example_documents_every_key_and_loads() -> None:
         ("port = http", "agent.ini:8: port: 'http': a port is 1..65535"),
         ("max_tunnels = 65", "agent.ini:8: max_tunnels: '65': expected a number 1..64"),
         ("log_level = loud", "agent.ini:8: log_level: 'loud': expected one of debug"),
+        ("launcher = exec", "agent.ini:8: launcher: 'exec': expected one of fork, spawn"),
         ("thing_name = a/b", "agent.ini:8: thing_name: 'a/b': a thing name is"),
         ("thing_name = dev#", "agent.ini:8: thing_name: 'dev#'"),
         ("endpoint2 = x", "agent.ini:8: unknown key 'endpoint2'"),

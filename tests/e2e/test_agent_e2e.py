@@ -151,6 +151,15 @@ def command_lines() -> list[str]:
     return lines
 
 
+def spawn_proxies(device: Device) -> None:
+    """``launcher = spawn``, for the tests that read a proxy's environment: /proc/PID/environ
+    shows what a process was started (exec'd) with, and a forked proxy's is its launcher's. A
+    forked proxy gets the same environment over the launcher's socket (the launcher's own tests:
+    tests/agent/test_agent_launcher.py and test_the_launcher_forks_... below)."""
+    with device.ini.open("a") as ini:
+        ini.write("launcher = spawn\n")
+
+
 def child_environ(pid: int) -> dict[str, str]:
     raw = Path(f"/proc/{pid}/environ").read_bytes()
     return dict(item.decode().partition("=")[::2] for item in raw.split(b"\0") if item)
@@ -217,7 +226,7 @@ def test_open_tunnel_then_http_and_real_ssh_at_the_same_time(
     )
     source_token = str(opened["sourceAccessToken"])
     destination_token = str(opened["destinationAccessToken"])
-    [(tag, pid)] = device.wait_started(1)
+    [(tag, _pid)] = device.wait_started(1)
     agent.wait_for(rf"\[{tag}\] proxy.link: connected to the tunnel service")
     source = stack.source(
         source_token, service_port, "HTTP1=0,SSH1=0", ["HTTP1", "SSH1"], ca=pki.ca.cert
@@ -255,10 +264,11 @@ def test_open_tunnel_then_http_and_real_ssh_at_the_same_time(
         time.sleep(0.1)
     assert len(re.findall(http_closed, device.log)) == 20
 
-    # The tokens: in the child's environment only, nowhere in a command line or a log.
-    env = child_environ(pid)
-    assert env["AWSIOT_TUNNEL_ACCESS_TOKEN"] == destination_token
-    client_token = env["AWSIOT_TUNNEL_CLIENT_TOKEN"]
+    # The tokens: in the state file (and the forked child's environment) only, nowhere in a
+    # command line or a log.
+    kept = json.loads((device.ini.parent / "state" / f"tunnel-{tag}.json").read_text())
+    assert kept["clientAccessToken"] == destination_token
+    client_token = kept["clientToken"]
     assert re.fullmatch(r"[a-zA-Z0-9-]{32,128}", client_token)
     for secret in (destination_token, client_token):
         assert not any(secret in line for line in command_lines())
@@ -408,6 +418,7 @@ def test_two_tunnels_to_the_same_services_carry_traffic_at_the_same_time(
     _, http_port = stack.http_server(www)
     _, echo_port = stack.echo_server()
     configure(device, service_port, {"HTTP1": http_port, "SSH1": echo_port})
+    spawn_proxies(device)  # reads the proxies' environments
     agent = device.start_agent()
 
     first = open_tunnel(api_port, pki, "HTTP1,SSH1")
@@ -483,6 +494,7 @@ def test_a_rotated_destination_token_ends_the_old_proxy_and_starts_the_new_one(
     )
     _, echo_port = stack.echo_server()
     configure(device, service_port, {"SSH1": echo_port})
+    spawn_proxies(device)  # reads the proxies' environments
     agent = device.start_agent()
 
     opened = open_tunnel(api_port, pki, "SSH1")
@@ -534,11 +546,75 @@ def test_sigterm_stops_every_child_and_exits_0(device: Device, stack: Stack, pki
     started = device.wait_started(2)
     agent.wait_for(r"(?s)(?:proxy.link: connected to the tunnel service.*){2}")
 
+    [launcher] = LAUNCHER_RE.findall(device.log)
     assert agent.stop(signal.SIGTERM) == 0
     for tag, pid in started:
         assert f"[{tag}] proxy stopped (exit code 143)" in device.log
         assert not Path(f"/proc/{pid}").exists()
+    assert not Path(f"/proc/{launcher}").exists()
     assert device.log.rstrip().endswith("<6>stopped")
+
+
+# --------------------------------------------------------------------------- launcher
+
+LAUNCHER_RE = re.compile(r"started the launcher \(zygote\), pid (\d+)")
+
+
+def parent(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[1])
+
+
+def ended(pid: int) -> bool:
+    """Gone, or a zombie: the orphan of a killed launcher is reaped by whoever adopted it."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+def test_the_launcher_forks_the_proxies_and_a_killed_launcher_is_restarted(
+    device: Device, stack: Stack, pki: PKI
+) -> None:
+    """The zygote forks the proxies; no token reaches its or their command line or initial
+    environment; killed, it is restarted for the next tunnel while the running one goes on,
+    and the agent still supervises the orphan (its exit code from its own status report)."""
+    tunnels = [Tunnel("a", ("SSH1",)), Tunnel("b", ("SSH1",))]
+    _, service_port = stack.service(tunnels, cert=pki.server.cert, key=pki.server.key)
+    _, echo_port = stack.echo_server()
+    configure(device, service_port, {"SSH1": echo_port})
+    agent = device.start_agent()
+    [launcher] = map(int, LAUNCHER_RE.findall(device.log))
+    assert parent(launcher) == agent.popen.pid
+
+    device.notify(tunnels[0].destination_token, ("SSH1",))
+    [(first_tag, first_pid)] = device.wait_started(1)
+    agent.wait_for(rf"\[{first_tag}\] proxy.link: connected to the tunnel service")
+    agent.wait_for(rf"\[{first_tag}\] tunnel up \d+ ms after its notification")
+    assert parent(first_pid) == launcher
+    token = tunnels[0].destination_token.encode()
+    for pid in (launcher, first_pid):
+        assert token not in Path(f"/proc/{pid}/environ").read_bytes()
+    assert not any(tunnels[0].destination_token in line for line in command_lines())
+
+    os.kill(launcher, signal.SIGKILL)
+    agent.wait_for(r"the launcher \(zygote\) exited; it is restarted")
+    first = stack.source(tunnels[0].source_token, service_port, "SSH1=0", ["SSH1"], ca=pki.ca.cert)
+    assert echo_roundtrips(first.ports["SSH1"], 3) == 3  # the running tunnel goes on
+
+    device.notify(tunnels[1].destination_token, ("SSH1",))
+    [_, (second_tag, second_pid)] = device.wait_started(2)
+    agent.wait_for(rf"\[{second_tag}\] proxy.link: connected to the tunnel service")
+    [_, again] = map(int, LAUNCHER_RE.findall(device.log))
+    assert again != launcher
+    assert parent(second_pid) == again
+    second = stack.source(tunnels[1].source_token, service_port, "SSH1=0", ["SSH1"], ca=pki.ca.cert)
+    assert echo_roundtrips(second.ports["SSH1"], 3) == 3
+
+    assert agent.stop(signal.SIGTERM) == 0
+    for tag, pid in ((first_tag, first_pid), (second_tag, second_pid)):
+        assert f"[{tag}] proxy stopped (exit code 143)" in device.log
+        assert ended(pid)
+    assert not Path(f"/proc/{again}").exists()
 
 
 # --------------------------------------------------------------------------- systemd
@@ -590,6 +666,7 @@ def test_systemd_ready_status_watchdog_stopping(
     _, service_port = stack.service([tunnel], cert=pki.server.cert, key=pki.server.key)
     _, echo_port = stack.echo_server()
     configure(device, service_port, {"SSH1": echo_port})
+    spawn_proxies(device)  # reads the proxy's environment
     fake = NotifySocket(tmp_path / "notify.sock")
     try:
         agent = device.start_agent(env={"NOTIFY_SOCKET": str(fake.path), "WATCHDOG_USEC": "400000"})
@@ -658,6 +735,7 @@ def test_status_counts_streams_with_the_agent_at_log_level_warning(
     _, service_port = stack.service([tunnel], cert=pki.server.cert, key=pki.server.key)
     _, echo_port = stack.echo_server()
     configure(device, service_port, {"SSH1": echo_port})
+    spawn_proxies(device)  # reads the proxy's command line
     fake = NotifySocket(tmp_path / "notify.sock")
     try:
         # Ready is READY=1 here: the agent's "ready" line is an info line.

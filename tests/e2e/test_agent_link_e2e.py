@@ -136,7 +136,9 @@ def assert_no_password(*texts: str) -> None:
 @needs_tinyproxy
 def test_mqtt_and_the_tunnel_go_through_tinyproxy_with_basic_auth(link: Link) -> None:
     proxy = tinyproxy(link)
-    agent = link.stack.agent(link.ini(https_proxy=proxy.url), env=NO_EXEMPTIONS)
+    # launcher = spawn: the test reads the proxy's environment (see spawn_proxies).
+    ini = link.ini(https_proxy=proxy.url, launcher="spawn")
+    agent = link.stack.agent(ini, env=NO_EXEMPTIONS)
     # The MQTT connection went through the proxy, with the right credentials (else no CONNACK).
     proxy.wait_for_connect(link.broker_port)
     assert f"through the HTTP proxy http://127.0.0.1:{proxy.port}" in agent.output()

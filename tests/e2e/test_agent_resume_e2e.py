@@ -26,6 +26,7 @@ from test_agent_e2e import (  # the agent's harness: broker, settings, helpers
     device,
     http_until_ok,
     open_tunnel,
+    spawn_proxies,
 )
 
 from bench import resume
@@ -76,6 +77,7 @@ def test_a_sigterm_restarted_agent_resumes_the_tunnel_and_the_same_source_works_
     )
     _, http_port = stack.http_server(www)
     configure(device, service_port, {"HTTP1": http_port})
+    spawn_proxies(device)  # reads the proxies' environments
     agent = device.start_agent()
 
     opened = open_tunnel(api_port, pki, "HTTP1")

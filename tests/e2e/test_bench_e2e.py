@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 
 from bench import __main__ as bench
-from bench import soak
+from bench import agent_scale, soak
+from testbed.mqtt import mosquitto_binary
 from testbed.pki import PKI
 
 
@@ -105,3 +106,26 @@ def test_soak_scenarios_run_small(tmp_path: Path) -> None:
     assert "6 tunnels with in-process peers" in text
     assert "200 connections in waves of 50: 200 echoed" in text
     json.dumps(results)
+
+
+def test_the_agent_scale_scenario_runs_both_launchers_at_tiny_size(tmp_path: Path) -> None:
+    """bench --agent-scale with one tunnel: the agent, its launcher and proxies measured."""
+    pytest.importorskip("awscrt", reason="the agent extra (awsiotsdk) is not installed")
+    if mosquitto_binary() is None:
+        pytest.skip("mosquitto is not installed (Debian package 'mosquitto')")
+    pki = PKI.create(tmp_path / "pki")
+    section = agent_scale.agent_scale(tmp_path / "scale", pki, sizes=(1,), transfer=200_000)
+    runs = {run["launcher"]: run for run in section["runs"]}
+    assert set(runs) == {"fork", "spawn"}
+    for launcher, run in runs.items():
+        assert run["tunnels"] == 1
+        # The agent and one proxy; with fork, the launcher too.
+        assert run["processes"] == (3 if launcher == "fork" else 2)
+        assert run["pss_total_mib"] > run["pss_agent_mib"] > 0
+        assert (run["pss_launcher_mib"] > 0) == (launcher == "fork")
+        assert run["notify_to_connected_ms"]["count"] == 1
+        assert run["cpu_at_cap_detail"]["bytes"] == 200_000
+        assert run["cpu_at_cap"] >= 0
+    text = agent_scale.table(section)
+    assert "fork   1 tunnel(s): PSS" in text
+    json.dumps(section)
