@@ -101,6 +101,11 @@ class FairScheduler:
         """Bytes waiting in all queues."""
         return sum(len(f) for f in self._control) + sum(q.size for q in self._queues.values())
 
+    @property
+    def empty(self) -> bool:
+        """True when nothing at all is queued."""
+        return not self._control and not self._ready
+
     def observe_rate(self, bytes_per_second: float) -> None:
         """The writer measured how fast the link drains while it was busy: resize frames."""
         wanted = int(bytes_per_second * self._target_delay)
