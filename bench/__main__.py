@@ -322,8 +322,6 @@ def side_by_side(args: argparse.Namespace, workdir: Path, pki: PKI) -> dict[str,
 def table(results: dict[str, Any]) -> str:
     """The results as a plain-text table."""
     lines = [f"{results['implementation']} — {results['machine']} — {results['date']}"]
-    if "side_by_side" in results:
-        lines.append(sidebyside.table(results["side_by_side"]))
     u = results.get("unlimited", {})
     tp = u.get("throughput", {})
     for key, value in tp.items():
@@ -359,6 +357,8 @@ def table(results: dict[str, Any]) -> str:
         agent = u.get("agent_idle_rss_kib", {})
         agent_text = f"agent skipped: {agent['skipped']}" if "skipped" in agent else _mib(agent)
         lines.append(f"  idle RSS (MiB): {_mib(u['idle_rss_kib'])}; {agent_text}")
+    if "side_by_side" in results:
+        lines.append(sidebyside.table(results["side_by_side"]))
     return "\n".join(lines)
 
 
