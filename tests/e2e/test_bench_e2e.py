@@ -133,7 +133,10 @@ def test_side_by_side_with_the_reference_runs_small(tmp_path: Path) -> None:
         assert len(figures[name]["idle_rss_source_mib"]["runs"]) == 1
         assert len(section["rtt_bulk_samples_ms"][name]) == 2 * 10
     ratios = section["ratios"]["iotunnel"]
-    assert set(ratios) == {key for key, _ in sidebyside.METRICS}
+    # 2 MiB can take less CPU than a clock tick: a zero figure of the reference has no ratio.
+    reference_figures = figures["reference"]
+    assert set(ratios) == {k for k, _ in sidebyside.METRICS if reference_figures[k]["median"]}
+    assert {"idle_rss_destination_mib", "rtt_idle_median_ms", "first_byte_p99_ms"} <= set(ratios)
     assert all(value > 0 for value in ratios.values())
     text = sidebyside.table(section)
     assert "iotunnel / ref" in text
