@@ -70,7 +70,12 @@ test: venv system-deps lint typecheck
 demo: venv demo-deps
 	$(BIN)/python -m demo
 
-bench: venv
+# The bench extra (matplotlib, for the charts) only here: the tests skip the charts without it.
+$(VENV)/.bench-installed: $(STAMP)
+	$(BIN)/python -m pip install -q -e '.[test,service,agent,speed,bench]'
+	@touch $@
+
+bench: $(VENV)/.bench-installed
 	$(BIN)/python -m bench
 
 proto: venv

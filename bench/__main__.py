@@ -8,6 +8,12 @@ printed as a table and written as JSON (``--json``, default ``bench/out/results.
 takes the reference's ``-s/-d/-e/-t/-c`` flags (the token then goes on its command line, as the
 reference requires), so that builds can be compared side by side in one run.
 
+By default the run ends with :mod:`bench.sidebyside`: the reference ``localproxy`` (``$LOCALPROXY``
+or ``../shared/peers/localproxy/localproxy-x86_64``; skipped with a note when it does not run
+here) and iotunnel in the same run, interleaved, with ratios; ``--also NAME=CMD`` adds another
+implementation to it (for example an older checkout), ``--no-side-by-side`` leaves it out.
+The charts (:mod:`bench.charts`, matplotlib from the ``bench`` extra) go to ``bench/charts/``.
+
 ``--soak`` runs the soak scenarios instead (:mod:`bench.soak`: 200 tunnels opened and closed
 through the management API with a pair of proxies each, 2,000 more with in-process peers,
 10,000 connections through one tunnel; about two minutes), written to ``bench/out/soak.json``
@@ -30,7 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench import agent_scale, soak
+from bench import agent_scale, charts, sidebyside, soak
 from testbed.harness import (
     ROOT,
     HarnessError,
@@ -277,7 +283,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     runs: list[tuple[str, list[str]]] = [("unlimited", [])]
     if args.cap:
         runs.append((f"cap_{args.cap // 1000}KBps", ["--bandwidth-limit", str(args.cap)]))
-    for label, service_args in runs:
+    for label, service_args in [] if args.only_side_by_side else runs:
         setup = start(workdir / label, pki, args.proxy_cmd, service_args)
         try:
             section: dict[str, Any] = {}
@@ -302,7 +308,35 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             setup.stack.close()
     if args.proxy_cmd is None:  # the agent with 1, 4 and 16 tunnels (about 50 s)
         results["agent_scale"] = agent_scale.agent_scale(workdir / "agent-scale", pki)
+    if args.side_by_side or args.only_side_by_side:
+        results["side_by_side"] = side_by_side(args, workdir, pki)
     return results
+
+
+def side_by_side(args: argparse.Namespace, workdir: Path, pki: PKI) -> dict[str, Any]:
+    """The reference and iotunnel (and ``--also`` ones), interleaved (:mod:`bench.sidebyside`)."""
+    impls: dict[str, str | None] = {}
+    if args.reference:
+        impls["reference"] = args.reference
+    else:
+        found, why = sidebyside.find_reference()
+        if found is None:
+            return {"skipped": why}
+        impls["reference"] = found
+    impls["iotunnel"] = None
+    for name, cmd in args.also:
+        impls[name] = cmd
+    quick = args.quick
+    return sidebyside.run(
+        workdir / "side-by-side",
+        pki,
+        impls,
+        rounds=args.rounds or (2 if quick else 3),
+        transfer_bytes=(64 if quick else 256) * MiB,
+        rtt_count=500 if quick else 2000,
+        bulk_rtt_count=200 if quick else 500,
+        setup_count=50 if quick else 200,
+    )
 
 
 def table(results: dict[str, Any]) -> str:
@@ -343,6 +377,8 @@ def table(results: dict[str, Any]) -> str:
         agent = u.get("agent_idle_rss_kib", {})
         agent_text = f"agent skipped: {agent['skipped']}" if "skipped" in agent else _mib(agent)
         lines.append(f"  idle RSS (MiB): {_mib(u['idle_rss_kib'])}; {agent_text}")
+    if "side_by_side" in results:
+        lines.append(sidebyside.table(results["side_by_side"]))
     return "\n".join(lines)
 
 
@@ -352,6 +388,13 @@ def _lat(value: dict[str, Any]) -> str:
 
 def _mib(values: dict[str, int]) -> str:
     return ", ".join(f"{k} {v / 1024:.1f}" for k, v in values.items())
+
+
+def _named_cmd(text: str) -> tuple[str, str]:
+    name, sep, cmd = text.partition("=")
+    if not sep or not name or not cmd.strip() or name in ("reference", "iotunnel"):
+        raise argparse.ArgumentTypeError(f"expected NAME=CMD with a new NAME, got {text!r}")
+    return name, cmd
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -364,6 +407,28 @@ def main(argv: list[str] | None = None) -> int:
         default=800_000,
         help="also run scenario 4 with this per-tunnel bandwidth cap in bytes/s (0: skip)",
     )
+    parser.add_argument(
+        "--no-side-by-side",
+        dest="side_by_side",
+        action="store_false",
+        help="leave out the side-by-side comparison with the reference",
+    )
+    parser.add_argument(
+        "--reference", metavar="CMD", help="the reference localproxy (default: found as above)"
+    )
+    parser.add_argument(
+        "--also",
+        type=_named_cmd,
+        action="append",
+        default=[],
+        metavar="NAME=CMD",
+        help="another implementation in the side-by-side runs (repeatable)",
+    )
+    parser.add_argument(
+        "--only-side-by-side", action="store_true", help="run the side-by-side comparison only"
+    )
+    parser.add_argument("--rounds", type=int, default=0, help="side-by-side runs per scenario")
+    parser.add_argument("--charts", type=Path, help="default: bench/charts/ (none with --json)")
     parser.add_argument(
         "--soak", action="store_true", help="run the soak scenarios instead (a few minutes)"
     )
@@ -394,6 +459,11 @@ def main(argv: list[str] | None = None) -> int:
     json_path.parent.mkdir(parents=True, exist_ok=True)
     json_path.write_text(json.dumps(results, indent=2))
     print(text)
+    if not args.soak:
+        chart_dir = args.charts or (None if args.json else ROOT / "bench" / "charts")
+        if chart_dir is not None:
+            for line in charts.draw(results, chart_dir):
+                print(line)
     print(f"\nJSON: {json_path}")
     return 0
 

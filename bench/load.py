@@ -3,12 +3,14 @@ share an interpreter (and its GIL) with the client measuring latency.
 
 Each subcommand prints one JSON object on stdout:
 
-``python -m bench.load download --port P --bytes N [--conns K] [--rate BYTES_PER_S]``
-    K connections to a ``blob`` server each fetch N/K bytes (optionally read at a paced rate).
+``python -m bench.load download --port P --bytes N [--conns K] [--rate B_PER_S] [--server-paced]``
+    K connections to a ``blob`` server each fetch N/K bytes (optionally read at a paced rate, or
+    with ``--server-paced`` sent at that rate by the server: nothing piles up in the proxies).
 ``python -m bench.load upload ...``
     the same, sending to the ``blob`` server.
-``python -m bench.load rtt --port P --count N [--size 64] [--interval S]``
-    round trips of ``size``-byte messages on one connection to an echo server.
+``python -m bench.load rtt --port P --count N [--size 64] [--interval S] [--samples]``
+    round trips of ``size``-byte messages on one connection to an echo server (``--samples``:
+    every round trip in ms too, for the charts).
 ``python -m bench.load setup --port P --count N [--delay S]``
     N fresh connections: connect, wait ``delay``, send one byte, read it back.
 ``python -m bench.load many --port P --count N``
@@ -52,9 +54,13 @@ def _connect(port: int, timeout: float = 60.0) -> socket.socket:
     return sock
 
 
-def _download_one(port: int, count: int, rate: float | None) -> int:
+def _download_one(port: int, count: int, rate: float | None, server_paced: bool = False) -> int:
     with _connect(port) as sock:
-        sock.sendall(b"D" + count.to_bytes(8, "big"))
+        if server_paced and rate:
+            sock.sendall(b"P" + count.to_bytes(8, "big") + int(rate).to_bytes(8, "big"))
+            rate = None
+        else:
+            sock.sendall(b"D" + count.to_bytes(8, "big"))
         received = 0
         start = time.perf_counter()
         buf = bytearray(BLOCK)
@@ -108,11 +114,19 @@ def _parallel(fn: Callable[[], int], conns: int) -> tuple[int, float]:
 
 
 def transfer(
-    direction: str, port: int, total: int, conns: int, rate: float | None
+    direction: str,
+    port: int,
+    total: int,
+    conns: int,
+    rate: float | None,
+    server_paced: bool = False,
 ) -> dict[str, Any]:
     per = total // conns
-    one = _download_one if direction == "download" else _upload_one
-    done, seconds = _parallel(lambda: one(port, per, rate / conns if rate else None), conns)
+    each = rate / conns if rate else None
+    if direction == "download":
+        done, seconds = _parallel(lambda: _download_one(port, per, each, server_paced), conns)
+    else:
+        done, seconds = _parallel(lambda: _upload_one(port, per, each), conns)
     return {
         "bytes": done,
         "expected": per * conns,
@@ -121,7 +135,7 @@ def transfer(
     }
 
 
-def rtt(port: int, count: int, size: int, interval: float) -> dict[str, Any]:
+def rtt(port: int, count: int, size: int, interval: float, samples: bool = False) -> dict[str, Any]:
     message = b"x" * size
     times = []
     with _connect(port) as sock:
@@ -137,7 +151,10 @@ def rtt(port: int, count: int, size: int, interval: float) -> dict[str, Any]:
             times.append((time.perf_counter() - start) * 1000)
             if interval:
                 time.sleep(interval)
-    return summary(times)
+    result: dict[str, Any] = summary(times)
+    if samples:
+        result["samples_ms"] = [round(t, 4) for t in times]
+    return result
 
 
 def setup(port: int, count: int, delay: float) -> dict[str, Any]:
@@ -195,6 +212,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bytes", type=int, default=64 * BLOCK)
     parser.add_argument("--conns", type=int, default=1)
     parser.add_argument("--rate", type=float, default=None, help="bytes per second in all")
+    parser.add_argument("--server-paced", action="store_true", help="download: the server paces")
+    parser.add_argument("--samples", action="store_true", help="rtt: every round trip too")
     parser.add_argument("--count", type=int, default=1000)
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--interval", type=float, default=0.0)
@@ -202,9 +221,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--wave", type=int, default=100)
     args = parser.parse_args(argv)
     if args.kind in ("download", "upload"):
-        result = transfer(args.kind, args.port, args.bytes, args.conns, args.rate)
+        result = transfer(
+            args.kind, args.port, args.bytes, args.conns, args.rate, args.server_paced
+        )
     elif args.kind == "rtt":
-        result = rtt(args.port, args.count, args.size, args.interval)
+        result = rtt(args.port, args.count, args.size, args.interval, args.samples)
     elif args.kind == "setup":
         result = setup(args.port, args.count, args.delay)
     elif args.kind == "churn":

@@ -44,6 +44,24 @@ class _Echo(asyncio.Protocol):
 _BLOCK = bytes(range(256)) * 4096  # 1 MiB
 
 
+async def _paced(writer: asyncio.StreamWriter, count: int, rate: int) -> None:
+    loop = asyncio.get_running_loop()
+    view = memoryview(_BLOCK)[:65536]
+    start, sent = loop.time(), 0
+    while sent < count:
+        n = min(count - sent, len(view))
+        writer.write(view[:n])
+        sent += n
+        await writer.drain()
+        ahead = sent / rate - (loop.time() - start)
+        if ahead > 0:
+            await asyncio.sleep(ahead)
+        elif ahead < -0.005:
+            # Behind (the machine is busy): forgive the debt rather than catch up in a burst
+            # that a peer without bounds (the reference's source) would have to hold.
+            start += -ahead - 0.005
+
+
 async def _blob(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
     sock = writer.get_extra_info("socket")
     with contextlib.suppress(OSError):
@@ -51,7 +69,13 @@ async def _blob(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> N
     try:
         head = await reader.readexactly(9)
         count = int.from_bytes(head[1:], "big")
-        if head[:1] == b"D":
+        if head[:1] == b"P":
+            # Paced download: 8 more bytes give the rate in bytes/s; the server sends 64 KiB
+            # at a time and never gets ahead of the rate (a peer that buffers whatever it is
+            # sent, as the reference's source does, then holds only a little).
+            rate = int.from_bytes(await reader.readexactly(8), "big")
+            await _paced(writer, count, rate)
+        elif head[:1] == b"D":
             view = memoryview(_BLOCK)
             while count > 0:
                 n = min(count, len(_BLOCK))

@@ -101,6 +101,11 @@ class FairScheduler:
         """Bytes waiting in all queues."""
         return sum(len(f) for f in self._control) + sum(q.size for q in self._queues.values())
 
+    @property
+    def empty(self) -> bool:
+        """True when nothing at all is queued."""
+        return not self._control and not self._ready
+
     def observe_rate(self, bytes_per_second: float) -> None:
         """The writer measured how fast the link drains while it was busy: resize frames."""
         wanted = int(bytes_per_second * self._target_delay)
@@ -155,10 +160,18 @@ class FairScheduler:
             pieces.append(frame)
             size += len(frame)
         while self._ready and (not pieces or size + self._next_size() <= self.budget):
-            taken = self._take(self._ready.popleft())
-            if taken is not None:
-                pieces.extend(taken)
-                size += sum(map(len, taken))
+            queue = self._ready.popleft()
+            taken = self._take(queue)
+            if taken is None:
+                continue
+            length = sum(map(len, taken))
+            if pieces and size + length > self._max_message:
+                # The budget counts payloads; this frame's header would take the message over
+                # the protocol's limit: the frame opens the next message instead.
+                self._hold(queue, b"".join(taken))
+                break
+            pieces.extend(taken)
+            size += length
         if not pieces:
             return None
         return pieces[0] if len(pieces) == 1 else b"".join(pieces)
@@ -166,6 +179,16 @@ class FairScheduler:
     def _next_size(self) -> int:
         framed, data = self._ready[0].entries[0]
         return len(data) if framed else min(len(data), self.quantum)
+
+    def _hold(self, queue: _Queue, frame: bytes) -> None:
+        """Put ``frame``, just taken from ``queue``, back at its head, and the queue first."""
+        queue.entries.appendleft((True, frame))
+        queue.size += len(frame)
+        if self._queues.get(queue.flow) is not queue:  # it was emptied by taking the frame
+            self._queues[queue.flow] = queue
+        else:
+            self._ready.remove(queue)
+        self._ready.appendleft(queue)
 
     def _take(self, queue: _Queue) -> Sequence[bytes] | None:
         """One frame (as pieces) from the head of ``queue``; requeues it if it has more."""

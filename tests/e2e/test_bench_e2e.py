@@ -7,6 +7,7 @@ implementation taking the reference's flags can be driven the same way.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import shlex
 import sys
@@ -15,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from bench import __main__ as bench
-from bench import agent_scale, soak
+from bench import agent_scale, charts, sidebyside, soak
 from testbed.mqtt import mosquitto_binary
 from testbed.pki import PKI
 
@@ -129,3 +130,58 @@ def test_the_agent_scale_scenario_runs_both_launchers_at_tiny_size(tmp_path: Pat
     text = agent_scale.table(section)
     assert "fork   1 tunnel(s): PSS" in text
     json.dumps(section)
+
+
+def test_side_by_side_with_the_reference_runs_small(tmp_path: Path) -> None:
+    """The side-by-side runs at a tiny size: the reference and iotunnel interleaved through
+    their own tunnels, each figure with its runs and a ratio, and the charts (or a note that
+    matplotlib is missing)."""
+    reference, why = sidebyside.find_reference()
+    if reference is None:
+        pytest.skip(why)
+    pki = PKI.create(tmp_path / "pki")
+    section = sidebyside.run(
+        tmp_path / "run",
+        pki,
+        {"reference": reference, "iotunnel": None},
+        rounds=2,
+        transfer_bytes=2 * bench.MiB,
+        rtt_count=10,
+        bulk_rtt_count=10,
+        setup_count=5,
+    )
+    figures = section["figures"]
+    for name in ("reference", "iotunnel"):
+        assert set(figures[name]) == {key for key, _ in sidebyside.METRICS}
+        assert len(figures[name]["rtt_idle_median_ms"]["runs"]) == 2
+        assert len(figures[name]["idle_rss_source_mib"]["runs"]) == 1
+        assert len(section["rtt_bulk_samples_ms"][name]) == 2 * 10
+    ratios = section["ratios"]["iotunnel"]
+    # 2 MiB can take less CPU than a clock tick: a zero figure of the reference has no ratio.
+    reference_figures = figures["reference"]
+    assert set(ratios) == {k for k, _ in sidebyside.METRICS if reference_figures[k]["median"]}
+    assert {"idle_rss_destination_mib", "rtt_idle_median_ms", "first_byte_p99_ms"} <= set(ratios)
+    assert all(value > 0 for value in ratios.values())
+    text = sidebyside.table(section)
+    assert "iotunnel / ref" in text
+    assert "destination CPU s/GB" in text
+    notes = charts.draw({"side_by_side": section}, tmp_path / "charts")
+    if importlib.util.find_spec("matplotlib") is None:
+        assert notes[0].startswith("charts skipped: matplotlib is not installed")
+    else:
+        assert (tmp_path / "charts" / "rtt_under_bulk.png").stat().st_size > 1000
+        assert notes[1].startswith("chart of memory per tunnel skipped")
+    json.dumps(section)
+
+
+def test_memory_chart_is_drawn_from_agent_scale(tmp_path: Path) -> None:
+    """With an ``agent_scale`` section the memory chart is drawn, one line per launcher."""
+    pytest.importorskip("matplotlib", reason="the bench extra (matplotlib) is not installed")
+    rows = [
+        {"tunnels": n, "pss_total_mib": 26 + per * n, "launcher": launcher}
+        for launcher, per in (("fork", 6.0), ("spawn", 22.0))
+        for n in (1, 4, 16)
+    ]
+    notes = charts.draw({"agent_scale": rows}, tmp_path)
+    assert notes[0].startswith("chart of round trips under bulk skipped")
+    assert (tmp_path / "memory_per_tunnel.png").stat().st_size > 1000

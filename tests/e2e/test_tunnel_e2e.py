@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import http.client
 import json
+import random
 import signal
 import socket
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -56,6 +58,45 @@ def test_hundred_simultaneous_http_connections(two_services, www: Path) -> None:
 def test_256_mib_both_ways_with_matching_sha256(two_services) -> None:
     sent, received = echo_transfer(two_services.ssh, 256 * MiB, timeout=300)
     assert sent == received
+
+
+def test_small_and_large_writes_mixed_keep_their_order(two_services) -> None:
+    """A small read on an idle tunnel is sent at once, past the scheduler; a large one is
+    queued. Writes of both kinds, back to back and with pauses, on two connections at once,
+    come back whole and in order (a small write sent at once must never overtake queued data)."""
+    rng = random.Random(15)
+    plans = [
+        [(rng.choice((1, 64, 4096, 4097, 65536, 300_000)), rng.random() < 0.2) for _ in range(300)]
+        for _ in range(2)
+    ]
+    failures: list[BaseException] = []
+
+    def converse(plan: list[tuple[int, bool]], seed: int) -> None:
+        try:
+            data = random.Random(seed).randbytes(sum(size for size, _ in plan))
+            with socket.create_connection(("127.0.0.1", two_services.ssh), timeout=60) as sock:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                got: list[bytes] = []
+                reader = threading.Thread(target=lambda: got.append(recv_exactly(sock, len(data))))
+                reader.start()
+                offset = 0
+                for size, pause in plan:
+                    sock.sendall(data[offset : offset + size])
+                    offset += size
+                    if pause:
+                        time.sleep(0.002)  # let the tunnel go idle: the next small write is direct
+                reader.join(120)
+                assert not reader.is_alive()
+                assert got == [data]
+        except BaseException as exc:
+            failures.append(exc)
+
+    threads = [threading.Thread(target=converse, args=(plan, i)) for i, plan in enumerate(plans)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(180)
+    assert not failures, failures
 
 
 def test_thousand_connections_on_one_tunnel(two_services) -> None:
