@@ -9,7 +9,7 @@ environment, file, default. An empty value means "not set".
 Values are checked once, here: a bad one raises :class:`ConfigError` with one line that names
 where it came from (``agent.ini:7: port``, ``IOTUNNEL_PORT``, ``--port``). The file holds paths,
 never secrets, so values may be quoted in messages (the PKCS#11 PIN is read from the file that
-``pkcs11_pin_file`` names and kept as a :class:`~proxy.config.Secret`). Relative paths in the
+``pkcs11_pin_file`` names and kept as a :class:`~iotunnel.secret.Secret`). Relative paths in the
 file are relative to the file's directory; on the command line and in the environment, to the
 working directory. Nothing here reads ``os.environ``: the environment is an argument.
 

@@ -19,7 +19,7 @@ class HttpProxy:
     """An HTTP proxy that tunnels with CONNECT, and the Basic credentials from its URL.
 
     ``str()`` is ``http://host:port``, without the credentials: fit for logs. The URL with them
-    is :attr:`url`, a :class:`~proxy.config.Secret` (it goes to the proxies' environment only).
+    is :attr:`url`, a :class:`~iotunnel.secret.Secret` (it goes to the proxies' environment only).
 
     Attributes:
         host: The proxy's host name or address (without brackets).
