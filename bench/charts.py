@@ -26,9 +26,10 @@ def draw(results: dict[str, Any], outdir: Path) -> list[str]:
     else:
         notes.append("chart of round trips under bulk skipped: no side-by-side samples")
     scale = results.get("agent_scale")
-    if isinstance(scale, list) and scale:
+    rows = scale.get("runs") if isinstance(scale, dict) else scale  # bench/agent_scale.py's section
+    if isinstance(rows, list) and rows:
         path = outdir / "memory_per_tunnel.png"
-        memory_per_tunnel(scale, path)
+        memory_per_tunnel(rows, path)
         notes.append(f"chart: {path}")
     else:
         notes.append("chart of memory per tunnel skipped: no agent_scale section")

@@ -182,6 +182,7 @@ def test_memory_chart_is_drawn_from_agent_scale(tmp_path: Path) -> None:
         for launcher, per in (("fork", 6.0), ("spawn", 22.0))
         for n in (1, 4, 16)
     ]
-    notes = charts.draw({"agent_scale": rows}, tmp_path)
+    # the shape bench/agent_scale.py writes: {"runs": [...], ...}
+    notes = charts.draw({"agent_scale": {"runs": rows}}, tmp_path)
     assert notes[0].startswith("chart of round trips under bulk skipped")
     assert (tmp_path / "memory_per_tunnel.png").stat().st_size > 1000
