@@ -11,11 +11,13 @@ STAMP  := $(VENV)/.installed
 DEMO_PACKAGES ?= mosquitto openssh-server openssh-client
 SYSTEM_PACKAGES ?= $(DEMO_PACKAGES) \
                    lintian systemd binutils binutils-aarch64-linux-gnu linux-libc-dev \
-                   gcc-arm-linux-gnueabihf cmake qemu-user softhsm2
+                   gcc-arm-linux-gnueabihf cmake qemu-user softhsm2 \
+                   qemu-system-x86 debootstrap
 # Architectures `make deb` builds (packaging/build_deb.py; armhf: make deb-armhf).
 DEB_ARCHES ?= amd64 arm64
 
-.PHONY: help demo test lint typecheck unit venv system-deps demo-deps proto bench clean deb deb-armhf
+.PHONY: help demo test lint typecheck unit venv system-deps demo-deps proto bench clean deb deb-armhf \
+        device-test
 
 help:
 	@echo "make demo   - the whole walk-through on loopback: open-tunnel, the agent, HTTP and SSH at once"
@@ -24,6 +26,7 @@ help:
 	@echo "make proto  - regenerate proxy/protocol/_pb from Message.proto"
 	@echo "make deb    - build dist/iotunnel_<version>_{amd64,arm64}.deb (packaging/README.md)"
 	@echo "make deb-armhf - cross-build awscrt for armv7l, then dist/iotunnel_<version>_armhf.deb"
+	@echo "make device-test - the .deb in a Debian 12 guest under qemu, systemd as PID 1 (README)"
 
 $(BIN)/python:
 	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "Python >= 3.11 is required"'
@@ -77,6 +80,10 @@ proto: venv
 
 deb: venv system-deps
 	$(BIN)/python packaging/build_deb.py $(addprefix --arch=,$(DEB_ARCHES))
+
+# The .deb on a booted Debian 12 guest (qemu; root file system cached in /var/cache/iotunnel-device).
+device-test: venv system-deps
+	$(BIN)/pytest -q -p no:cacheprovider -m device tests/device
 
 deb-armhf: venv system-deps
 	wheel="$$($(BIN)/python packaging/armhf.py awscrt)" && \
