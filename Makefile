@@ -17,7 +17,7 @@ SYSTEM_PACKAGES ?= $(DEMO_PACKAGES) \
 DEB_ARCHES ?= amd64 arm64
 
 .PHONY: help demo test lint typecheck unit venv system-deps demo-deps proto bench clean deb deb-armhf \
-        device-test
+        device-test device-test-arm64 arm64-guest-deps
 
 help:
 	@echo "make demo   - the whole walk-through on loopback: open-tunnel, the agent, HTTP and SSH at once"
@@ -27,6 +27,7 @@ help:
 	@echo "make deb    - build dist/iotunnel_<version>_{amd64,arm64}.deb (packaging/README.md)"
 	@echo "make deb-armhf - cross-build awscrt for armv7l, then dist/iotunnel_<version>_armhf.deb"
 	@echo "make device-test - the .deb in a Debian 12 guest under qemu, systemd as PID 1 (README)"
+	@echo "make device-test-arm64 - the arm64 .deb to a running agent in an emulated arm64 guest"
 
 $(BIN)/python:
 	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "Python >= 3.11 is required"'
@@ -43,8 +44,9 @@ $(STAMP): $(BIN)/python pyproject.toml
 
 venv: $(STAMP)
 
-system-deps demo-deps: PACKAGES = $(if $(filter demo-deps,$@),$(DEMO_PACKAGES),$(SYSTEM_PACKAGES))
-system-deps demo-deps:
+system-deps demo-deps arm64-guest-deps: PACKAGES = $(if $(filter demo-deps,$@),$(DEMO_PACKAGES),\
+  $(if $(filter arm64-guest-deps,$@),qemu-system-arm debootstrap,$(SYSTEM_PACKAGES)))
+system-deps demo-deps arm64-guest-deps:
 	@missing=""; for p in $(PACKAGES); do \
 	  dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \
@@ -84,6 +86,10 @@ deb: venv system-deps
 # The .deb on a booted Debian 12 guest (qemu; root file system cached in /var/cache/iotunnel-device).
 device-test: venv system-deps
 	$(BIN)/pytest -q -p no:cacheprovider -m device tests/device
+
+# The arm64 package booted to a running agent in an emulated arm64 guest (slow: see README).
+device-test-arm64: venv arm64-guest-deps
+	IOTUNNEL_DEVICE_ARM64=1 $(BIN)/pytest -q -p no:cacheprovider tests/device/test_device_arm64.py
 
 deb-armhf: venv system-deps
 	wheel="$$($(BIN)/python packaging/armhf.py awscrt)" && \

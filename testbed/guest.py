@@ -34,6 +34,7 @@ from pathlib import Path
 
 #: Bump when what the builder puts into the image changes.
 BUILDER_VERSION = 1
+REPO = Path(__file__).resolve().parent.parent
 CACHE = Path(os.environ.get("IOTUNNEL_DEVICE_CACHE") or "/var/cache/iotunnel-device")
 MIRROR = "http://deb.debian.org/debian"
 SUITE = "bookworm"
@@ -222,12 +223,14 @@ def base_image(*, cache: Path = CACHE, log: Path | None = None) -> BaseImage:
     return result
 
 
-def _configure(root: Path) -> None:
-    """Settings of the guest: fstab, hostname, the test unit; nothing that waits on a network."""
+def _configure(root: Path, disks: tuple[str, str] = ("/dev/vda", "/dev/vdb")) -> None:
+    """Settings of the guest: fstab (root and payload disks), hostname, the test unit; nothing
+    that waits on a network."""
     (root / "etc/hostname").write_text("iotunnel-device\n")
     (root / "etc/hosts").write_text("127.0.0.1 localhost\n127.0.1.1 iotunnel-device\n")
     (root / "etc/fstab").write_text(
-        f"/dev/vda / ext4 rw,errors=remount-ro 0 1\n/dev/vdb {PAYLOAD_MOUNT} ext4 rw,nofail 0 0\n"
+        f"{disks[0]} / ext4 rw,errors=remount-ro 0 1\n"
+        f"{disks[1]} {PAYLOAD_MOUNT} ext4 rw,nofail 0 0\n"
     )
     (root / PAYLOAD_MOUNT.lstrip("/")).mkdir(parents=True, exist_ok=True)
     units = root / "etc/systemd/system"
@@ -246,6 +249,15 @@ def _configure(root: Path) -> None:
     # journald keeps the journal in memory (/run): the guest is thrown away after each run.
     (root / "etc/systemd/journald.conf.d").mkdir(parents=True, exist_ok=True)
     (root / "etc/systemd/journald.conf.d/volatile.conf").write_text("[Journal]\nStorage=volatile\n")
+
+
+def build_deb(out: Path, work: Path, arch: str, version: str | None = None) -> Path:
+    """``packaging/build_deb.py`` for one architecture (and ``version``); the package's path."""
+    argv = [sys.executable, str(REPO / "packaging/build_deb.py"), "--arch", arch]
+    argv += ["--out", str(out), "--work", str(work)]
+    if version is not None:
+        argv += ["--version", version]
+    return Path(_run(argv, timeout=900).split()[-1])
 
 
 def payload_image(directory: Path, image: Path, *, size_mb: int = 512) -> Path:
@@ -276,6 +288,14 @@ class Boot:
     accel: str
     seconds: float
     returncode: int
+
+    def uptime(self, mark: str) -> float | None:
+        """The guest's uptime at ``UPTIME <mark>`` (start: the driver started, after
+        ``multi-user.target``; end: it finished)."""
+        for line in self.report:
+            if line.startswith(f"UPTIME {mark} "):
+                return float(line.split()[2])
+        return None
 
     def results(self) -> dict[str, tuple[bool, str]]:
         """``RESULT name ok|fail detail`` lines, by name (ok, detail)."""
@@ -351,3 +371,150 @@ def boot(
 
 def _read(path: Path) -> str:
     return path.read_text(errors="replace") if path.exists() else ""
+
+
+# ------------------------------------------------------------------------------ arm64 (slow)
+
+#: The arm64 guest: enough for the package and its agent with a broker (no tunnel service).
+ARM64_PACKAGES = (
+    "systemd-sysv",
+    "dbus",
+    "linux-image-cloud-arm64",
+    "python3",
+    "adduser",
+    "libstdc++6",
+    "mosquitto",
+    "procps",
+)
+#: Debian's arm64 cloud kernel has NVMe built in but virtio as modules: the root disk is an
+#: NVMe drive, so the kernel needs no initramfs; the payload disk is virtio (loaded by udev).
+_ARM64_DISKS = ("/dev/nvme0n1", "/dev/vda")
+_STAGE2 = """#!/bin/sh
+# debootstrap's second stage, run by the arm64 kernel as init under emulation, once.
+export PATH=/usr/sbin:/usr/bin:/sbin:/bin
+/debootstrap/debootstrap --second-stage && echo IOTUNNEL-STAGE2-OK
+mount -t proc proc /proc 2>/dev/null
+sync
+echo o > /proc/sysrq-trigger
+"""
+
+
+def base_image_arm64(*, cache: Path = CACHE) -> BaseImage:
+    """The cached arm64 root file system image (no initrd): debootstrap's first stage here, the
+    second in the guest under qemu-system-aarch64 (this machine's binfmt_misc is left alone)."""
+    key = hashlib.sha256(
+        json.dumps([BUILDER_VERSION, "arm64", sorted(ARM64_PACKAGES), _TEST_UNIT, _STAGE2]).encode()
+    ).hexdigest()[:16]
+    directory = cache / f"arm64-{key}"
+    result = BaseImage(directory, directory / "root.ext4", directory / "vmlinuz", Path())
+    if (directory / "complete").exists():
+        return result
+    if shutil.which("qemu-system-aarch64") is None:
+        raise GuestError("missing Debian package: qemu-system-arm")
+    if directory.exists():
+        shutil.rmtree(directory)
+    directory.mkdir(parents=True)
+    root = directory / "root"
+    started = time.monotonic()
+    _run(
+        [
+            "debootstrap",
+            "--foreign",
+            "--arch=arm64",
+            "--variant=minbase",
+            f"--include={','.join(ARM64_PACKAGES)}",
+            SUITE,
+            root,
+            MIRROR,
+        ],
+        timeout=3600,
+    )
+    debs = sorted((root / "var/cache/apt/archives").glob("linux-image-*-cloud-arm64_*.deb"))
+    if not debs:
+        raise GuestError("debootstrap fetched no arm64 kernel")
+    unpacked = directory / "kernel"
+    _run(["dpkg-deb", "--extract", debs[-1], unpacked], timeout=600)
+    shutil.copy2(sorted((unpacked / "boot").glob("vmlinuz-*"))[-1], result.kernel)
+    shutil.rmtree(unpacked)
+    _configure(root, _ARM64_DISKS)
+    (root / "stage2").write_text(_STAGE2)
+    (root / "stage2").chmod(0o755)
+    _run(
+        ["mkfs.ext4", "-q", "-F", "-L", "iotunnel-root", "-d", root, result.image, "3G"],
+        timeout=1800,
+    )
+    shutil.rmtree(root)
+    console = directory / "stage2.log"
+    code = _qemu_arm64(result, None, console, "init=/stage2", snapshot=False, timeout=5400)
+    if "IOTUNNEL-STAGE2-OK" not in _read(console):
+        tail = "\n".join(_read(console).splitlines()[-30:])
+        raise GuestError(f"debootstrap --second-stage failed in the guest (qemu {code}):\n{tail}")
+    seconds = time.monotonic() - started
+    (directory / "complete").write_text(f"built in {seconds:.0f} s\n")
+    return result
+
+
+def _qemu_arm64(
+    base: BaseImage,
+    payload: Path | None,
+    console: Path,
+    append: str,
+    *,
+    snapshot: bool,
+    timeout: float,
+) -> int:
+    argv = [
+        "qemu-system-aarch64",
+        "-machine",
+        "virt",
+        "-cpu",
+        "max",
+        "-smp",
+        "2",
+        "-m",
+        "2048",
+        "-nographic",
+        "-no-reboot",
+        "-nic",
+        "none",
+        "-kernel",
+        str(base.kernel),
+        "-append",
+        f"root={_ARM64_DISKS[0]} rw console=ttyAMA0 panic=-1 {append}".strip(),
+        "-drive",
+        f"file={base.image},format=raw,if=none,id=root",
+        "-device",
+        "nvme,drive=root,serial=root",
+        "-serial",
+        f"file:{console}",
+        "-monitor",
+        "none",
+    ]
+    if snapshot:
+        argv.append("-snapshot")
+    if payload is not None:
+        argv += ["-drive", f"file={payload},format=raw,if=virtio"]
+    with console.with_suffix(".qemu.log").open("wb") as out:
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=out)
+        try:
+            return proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            return -9
+
+
+def boot_arm64(base: BaseImage, payload: Path, workdir: Path, *, timeout: float = 3600) -> Boot:
+    """Boot the arm64 guest (TCG) until it powers off; its report is on the console (the
+    ``virt`` machine has one UART), in lines of their own."""
+    console = workdir / "console.log"
+    started = time.monotonic()
+    code = _qemu_arm64(base, payload, console, "", snapshot=True, timeout=timeout)
+    text = _read(console)
+    lines = [
+        line[line.index(mark) :].rstrip("\r")
+        for line in text.splitlines()
+        for mark in (REPORT_PREFIX, "UPTIME ", "DONE ")
+        if mark in line
+    ]
+    return Boot(lines, text, "tcg", time.monotonic() - started, code)

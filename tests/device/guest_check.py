@@ -456,17 +456,23 @@ def run(payload: Path, report: Report) -> None:
         del broker
 
 
+def uptime() -> float:
+    """Seconds since the guest's kernel started."""
+    return float(Path("/proc/uptime").read_text().split()[0])
+
+
 def main(argv: list[str]) -> int:
     payload, device = Path(argv[1]), argv[2]
     with open(device, "w") as out:
         report = Report(out)
-        report.line("LOG guest driver started")
+        report.line(f"UPTIME start {uptime():.1f}")
         try:
             run(payload, report)
         except Exception:
             report.check("driver", False, "exception")
             report.log(traceback.format_exc())
             report.log(journal())
+        report.line(f"UPTIME end {uptime():.1f}")
         report.line(f"DONE failed={report.failed}")
     return 0
 
