@@ -358,6 +358,14 @@ def run(payload: Path, report: Report) -> None:
             key_var == "IOTUNNEL_KEY=/run/credentials/iotunnel-agent.service/device.key",
             key_var,
         )
+        # The installed unit as this systemd reads it: no unknown or bad settings.
+        verify = sh(["systemd-analyze", "verify", f"{UNIT}.service"])
+        complaints = [line for line in (verify.stdout + verify.stderr).splitlines() if UNIT in line]
+        report.check(
+            "systemd-analyze-verify",
+            not complaints,
+            f"exit {verify.returncode} {complaints}",
+        )
         security = sh(["systemd-analyze", "security", "--no-pager", UNIT])
         overall = re.search(r"Overall exposure level for \S+: ([\d.]+) (\w+)", security.stdout)
         report.check(

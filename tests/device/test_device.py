@@ -40,6 +40,7 @@ CHECKS = (
     "journal-tags",
     "hardening-runtime",
     "credential",
+    "systemd-analyze-verify",
     "systemd-analyze-security",
     "watchdog",
     "tunnel-after-watchdog",
