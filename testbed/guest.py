@@ -504,7 +504,7 @@ def _qemu_arm64(
             return -9
 
 
-def boot_arm64(base: BaseImage, payload: Path, workdir: Path, *, timeout: float = 3600) -> Boot:
+def boot_arm64(base: BaseImage, payload: Path, workdir: Path, *, timeout: float = 1800) -> Boot:
     """Boot the arm64 guest (TCG) until it powers off; its report is on the console (the
     ``virt`` machine has one UART), in lines of their own."""
     console = workdir / "console.log"
