@@ -12,11 +12,13 @@ STAMP  := $(VENV)/.installed
 DEMO_PACKAGES ?= mosquitto openssh-server openssh-client
 SYSTEM_PACKAGES ?= $(DEMO_PACKAGES) \
                    lintian systemd binutils binutils-aarch64-linux-gnu linux-libc-dev \
-                   gcc-arm-linux-gnueabihf cmake qemu-user softhsm2 tinyproxy
+                   gcc-arm-linux-gnueabihf cmake qemu-user softhsm2 tinyproxy \
+                   qemu-system-x86 debootstrap
 # Architectures `make deb` builds (packaging/build_deb.py; armhf: make deb-armhf).
 DEB_ARCHES ?= amd64 arm64
 
-.PHONY: help demo test lint typecheck unit venv system-deps demo-deps proto bench clean deb deb-armhf
+.PHONY: help demo test lint typecheck unit venv system-deps demo-deps proto bench clean deb deb-armhf \
+        device-test device-test-arm64 arm64-guest-deps
 
 help:
 	@echo "make demo   - the whole walk-through on loopback: open-tunnel, the agent, HTTP and SSH at once"
@@ -25,6 +27,8 @@ help:
 	@echo "make proto  - regenerate proxy/protocol/_pb from Message.proto"
 	@echo "make deb    - build dist/iotunnel_<version>_{amd64,arm64}.deb (packaging/README.md)"
 	@echo "make deb-armhf - cross-build awscrt for armv7l, then dist/iotunnel_<version>_armhf.deb"
+	@echo "make device-test - the .deb in a Debian 12 guest under qemu, systemd as PID 1 (README)"
+	@echo "make device-test-arm64 - the arm64 .deb to a running agent in an emulated arm64 guest"
 
 $(BIN)/python:
 	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), "Python >= 3.11 is required"'
@@ -41,8 +45,9 @@ $(STAMP): $(BIN)/python pyproject.toml
 
 venv: $(STAMP)
 
-system-deps demo-deps: PACKAGES = $(if $(filter demo-deps,$@),$(DEMO_PACKAGES),$(SYSTEM_PACKAGES))
-system-deps demo-deps:
+system-deps demo-deps arm64-guest-deps: PACKAGES = $(if $(filter demo-deps,$@),$(DEMO_PACKAGES),\
+  $(if $(filter arm64-guest-deps,$@),qemu-system-arm debootstrap,$(SYSTEM_PACKAGES)))
+system-deps demo-deps arm64-guest-deps:
 	@missing=""; for p in $(PACKAGES); do \
 	  dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \
@@ -83,6 +88,14 @@ proto: venv
 
 deb: venv system-deps
 	$(BIN)/python packaging/build_deb.py $(addprefix --arch=,$(DEB_ARCHES))
+
+# The .deb on a booted Debian 12 guest (qemu; root file system cached in /var/cache/iotunnel-device).
+device-test: venv system-deps
+	$(BIN)/pytest -q -p no:cacheprovider -m device tests/device
+
+# The arm64 package booted to a running agent in an emulated arm64 guest (slow: see README).
+device-test-arm64: venv arm64-guest-deps
+	IOTUNNEL_DEVICE_ARM64=1 $(BIN)/pytest -q -p no:cacheprovider tests/device/test_device_arm64.py
 
 deb-armhf: venv system-deps
 	wheel="$$($(BIN)/python packaging/armhf.py awscrt)" && \

@@ -157,12 +157,27 @@ def _pkcs11_problem(exc: BaseException, key: Pkcs11Key) -> str:
 
 
 def _tls_options(settings: AgentSettings) -> io.TlsContextOptions:
-    """The MQTT client's TLS options, as the builder makes them (logs in to a PKCS#11 token)."""
+    """The MQTT client's TLS options, as the builder makes them (logs in to a PKCS#11 token),
+    with ``root_ca`` as the trust store as the builder sets it: a device without a system trust
+    store (no ca-certificates) needs none."""
     cert = str(settings.cert)
     if settings.pkcs11 is None:
-        return io.TlsContextOptions.create_client_with_mtls_from_path(cert, str(settings.key))
-    kwargs = _pkcs11_kwargs(settings.pkcs11)
-    return io.TlsContextOptions.create_client_with_mtls_pkcs11(cert_file_path=cert, **kwargs)
+        options = io.TlsContextOptions.create_client_with_mtls_from_path(cert, str(settings.key))
+    else:
+        kwargs = _pkcs11_kwargs(settings.pkcs11)
+        options = io.TlsContextOptions.create_client_with_mtls_pkcs11(cert_file_path=cert, **kwargs)
+    if settings.root_ca is not None:
+        _trust(options, settings.root_ca)
+    return options
+
+
+def _trust(options: io.TlsContextOptions, ca: Path) -> None:
+    if ca.is_dir():
+        options.override_default_trust_store_from_path(str(ca), None)
+    else:
+        options.override_default_trust_store_from_path(None, str(ca))
+
+
 def proxy_options(proxy: HttpProxy | None) -> http.HttpProxyOptions | None:
     """awscrt's options for a CONNECT tunnel through ``proxy``, with Basic auth if it has a user."""
     if proxy is None:
@@ -193,24 +208,20 @@ def tls_problem(settings: AgentSettings) -> str | None:
         except Exception as exc:  # awscrt raises RuntimeError
             lib, problem = settings.pkcs11.lib, _crt_error(exc)
             return f"pkcs11_lib: {lib}: cannot load it as a PKCS#11 library ({problem})"
+    if settings.root_ca is not None:
+        # The CA alone first, so that a bad CA file is named as such.
+        options = io.TlsContextOptions()
+        try:
+            _trust(options, settings.root_ca)
+            io.ClientTlsContext(options)
+        except Exception as exc:  # awscrt raises RuntimeError or AwsCrtError
+            return f"root_ca: cannot use {settings.root_ca}: {exc}"
     try:
         io.ClientTlsContext(_tls_options(settings))
-    except Exception as exc:  # awscrt raises RuntimeError or AwsCrtError
+    except Exception as exc:
         if settings.pkcs11 is not None:
             return _pkcs11_problem(exc, settings.pkcs11)
         return f"cert, key: cannot use {settings.cert} with {settings.key}: {exc}"
-    if settings.root_ca is None:
-        return None
-    options = io.TlsContextOptions()  # the CA alone: no second login to a PKCS#11 token
-    ca = str(settings.root_ca)
-    try:
-        if settings.root_ca.is_dir():
-            options.override_default_trust_store_from_path(ca, None)
-        else:
-            options.override_default_trust_store_from_path(None, ca)
-        io.ClientTlsContext(options)
-    except Exception as exc:
-        return f"root_ca: cannot use {ca}: {exc}"
     return None
 
 

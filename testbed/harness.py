@@ -198,11 +198,14 @@ class Stack:
         verbosity: int,
         args: Sequence[str],
         tls: bool | None = None,
+        program: Sequence[str] = (),
     ) -> list[str]:
-        """``python -m proxy`` for the service on ``port``: ``wss://`` when ``tls`` (default:
-        when a ``ca`` is given, which goes to ``-c``), else ``ws://``."""
+        """``python -m proxy`` (or ``program``, e.g. an installed ``iotunnel-proxy``) for the
+        service on ``port``: ``wss://`` when ``tls`` (default: when a ``ca`` is given, which
+        goes to ``-c``), else ``ws://``."""
         scheme = "wss" if (ca is not None if tls is None else tls) else "ws"
-        argv = [self.python, "-m", "proxy", "-m", mode, "-e", f"{scheme}://127.0.0.1:{port}"]
+        argv = [*(program or [self.python, "-m", "proxy"])]
+        argv += ["-m", mode, "-e", f"{scheme}://127.0.0.1:{port}"]
         if ca is not None:
             argv += ["-c", str(ca)]
         argv += ["-v", str(verbosity), *args]
@@ -244,10 +247,17 @@ class Stack:
         extra: Sequence[str] = (),
         env: Mapping[str, str] | None = None,
         tls: bool | None = None,
+        program: Sequence[str] = (),
     ) -> Source:
         """Start a source-mode proxy and wait until it listens for each of ``services``."""
         argv = self.proxy_argv(
-            "src", port, ca=ca, verbosity=verbosity, args=["-s", mapping], tls=tls
+            "src",
+            port,
+            ca=ca,
+            verbosity=verbosity,
+            args=["-s", mapping],
+            tls=tls,
+            program=program,
         )
         proc = self.start(
             name, [*argv, *extra], env={"AWSIOT_TUNNEL_ACCESS_TOKEN": token, **(env or {})}
