@@ -16,18 +16,16 @@ the client paces it. A run that fails that way is noted and run again on a fresh
 
 from __future__ import annotations
 
-import os
-import platform
 import shlex
 import statistics
-import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from testbed.harness import ROOT, rss_kib
+from testbed.harness import rss_kib
 from testbed.pki import PKI
+from testbed.reference import find_localproxy
 
 #: 1 Gbit/s, the pace of the transfers that measure CPU per byte.
 GBIT = 125_000_000
@@ -35,7 +33,6 @@ GBIT = 125_000_000
 #: two shared cores the reference's source falls behind and exits ("basic_multi_buffer too long").
 BULK = 20_000_000
 #: Where a checkout finds the reference binary: ``shared/`` beside the repository.
-DEFAULT_LOCALPROXY = ROOT.parent / "shared" / "peers" / "localproxy" / "localproxy-x86_64"
 
 #: (key, label, unit, lower is better) of every figure compared, in table order.
 METRICS: list[tuple[str, str]] = [
@@ -57,20 +54,9 @@ RETRIES = 3
 
 
 def find_reference() -> tuple[str | None, str]:
-    """The reference binary (``$LOCALPROXY`` or ``../shared/peers/localproxy/``) if it runs
-    here, else None and why not."""
-    configured = os.environ.get("LOCALPROXY")
-    path = Path(configured) if configured else DEFAULT_LOCALPROXY
-    if not path.is_file():
-        where = "$LOCALPROXY" if configured else "no shared/ checkout beside the repository"
-        return None, f"reference localproxy not found at {path} ({where})"
-    if not configured and platform.machine() not in ("x86_64", "AMD64"):
-        return None, f"the reference localproxy is an x86-64 build; this is {platform.machine()}"
-    try:
-        subprocess.run([str(path), "--help"], capture_output=True, timeout=20, check=False)
-    except (OSError, subprocess.SubprocessError) as exc:
-        return None, f"reference localproxy at {path} does not run here: {exc}"
-    return shlex.quote(str(path)), ""
+    """The reference binary as a command (``testbed.reference``), else None and why not."""
+    path, why = find_localproxy()
+    return (None, why) if path is None else (shlex.quote(str(path)), "")
 
 
 def _median(values: list[float]) -> float:

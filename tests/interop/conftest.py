@@ -29,8 +29,6 @@ import asyncio
 import contextlib
 import hashlib
 import http.client
-import os
-import platform
 import re
 import secrets
 import socket
@@ -56,43 +54,16 @@ from proxy.protocol.messages import Message, MessageType
 from testbed.clients import echo_roundtrips, http_get, recv_exactly
 from testbed.harness import HarnessError, Proc, Stack, free_port
 from testbed.pki import PKI, CertPair, self_signed
+from testbed.reference import find_localproxy
 from testbed.sshd import SshSetup, ssh_command, sshd_binary
 
 ROOT = Path(__file__).resolve().parent.parent.parent
-#: Where a checkout finds the reference binary: ``shared/`` beside the repository.
-DEFAULT_LOCALPROXY = ROOT.parent / "shared" / "peers" / "localproxy" / "localproxy-x86_64"
 #: The line the reference logs once its WebSocket is up.
 REFERENCE_CONNECTED = "Successfully established websocket connection with proxy server"
 V1_SUBPROTOCOL = "aws.iot.securetunneling-1.0"
 
 
 # --------------------------------------------------------------------------- the reference
-
-
-def _find_localproxy() -> tuple[Path | None, str]:
-    """The reference binary, or None and why it cannot be used here."""
-    configured = os.environ.get("LOCALPROXY")
-    path = Path(configured) if configured else DEFAULT_LOCALPROXY
-    if not path.is_file():
-        where = "$LOCALPROXY" if configured else "no shared/ checkout beside the repository"
-        return None, f"reference localproxy not found at {path} ({where})"
-    if not configured and platform.machine() not in ("x86_64", "AMD64"):
-        return None, f"the reference localproxy is an x86-64 build; this is {platform.machine()}"
-    try:
-        done = subprocess.run(
-            [str(path), "--version"],
-            capture_output=True,
-            text=True,
-            timeout=30,
-            stdin=subprocess.DEVNULL,
-            cwd=ROOT.parent,
-        )
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        return None, f"reference localproxy at {path} does not run: {exc}"
-    if done.returncode != 0 or "Local Proxy" not in done.stdout + done.stderr:
-        output = (done.stdout + done.stderr).strip()[-300:]
-        return None, f"reference localproxy at {path} does not run ({done.returncode}): {output}"
-    return path, ""
 
 
 @dataclass(frozen=True)
@@ -158,7 +129,7 @@ class LocalProxy:
 @pytest.fixture(scope="session")
 def localproxy() -> LocalProxy:
     """The reference binary; skips the test where it cannot run."""
-    path, reason = _find_localproxy()
+    path, reason = find_localproxy()
     if path is None:
         pytest.skip(reason)
     return LocalProxy(path)
