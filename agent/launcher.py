@@ -264,6 +264,9 @@ class Launcher:
     def _message(self, message: dict[str, Any], fds: list[int]) -> None:
         op = message["op"]
         if op == "ready":
+            rehearsal = message.get("rehearsal")
+            if rehearsal != 0:  # the zygote works without it, with more memory per child
+                log.debug("the launcher's rehearsal tunnel failed (exit code %s)", rehearsal)
             assert self._ready is not None
             if not self._ready.done():
                 self._ready.set_result(None)
