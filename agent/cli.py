@@ -26,6 +26,7 @@ from agent.config import (
     state_dir_problem,
     summary,
 )
+from agent.launcher import fork_zygote
 from agent.logs import choose_output, configure
 from agent.report import status_command
 from agent.systemd import Notifier
@@ -66,15 +67,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stdout.write(loaded.output)
         notifier.close()
         return loaded.code
+    settings = loaded.settings if isinstance(loaded, CheckOnly) else loaded
+    zygote = None
+    if not isinstance(loaded, CheckOnly) and settings.launcher == "fork":
+        # Here, before awscrt: see fork_zygote.
+        zygote = fork_zygote(environ, settings.tunnel_ca, close=(notifier,))
     # Imported late: --help, --version and bad settings never load awscrt.
     from agent.daemon import run
     from agent.mqtt import tls_problem
 
-    settings = loaded.settings if isinstance(loaded, CheckOnly) else loaded
     problem = tls_problem(settings)
     if problem is None and isinstance(loaded, CheckOnly):
         problem = state_dir_problem(settings.state_dir)
     if problem is not None:
+        if zygote is not None:
+            zygote.discard()
         notifier.close()
         return fail(PROG, problem)
     if isinstance(loaded, CheckOnly):
@@ -97,12 +104,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         "%s starting: thing %s, mappings in %s", PROG, settings.thing_name, settings.mapping_dir
     )
     try:
-        return run(settings, notifier, environ, redactor, output)
+        return run(settings, notifier, environ, redactor, output, zygote)
     except KeyboardInterrupt:  # Ctrl-C before the loop took over SIGINT
         return ExitCode.INTERRUPTED
     except Exception:
         log.exception("internal error")
         return ExitCode.INTERNAL
+    finally:
+        if zygote is not None:  # the launcher stopped it, unless the agent never started it
+            zygote.discard()
 
 
 def status(argv: Sequence[str]) -> int:

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 from agent.config import AgentSettings
 from agent.diagnosis import explain
-from agent.launcher import Launcher
+from agent.launcher import Launcher, Preforked
 from agent.logs import AUDIT, Output, Redactor, child_log_env, tagged
 from agent.mqtt import Connected, ConnectFailed, Disconnected, Message, MqttLink
 from agent.proxy_runner import ProxyChild, child_argv, child_environment
@@ -102,6 +102,7 @@ class Agent:
         base_env: The environment children start from (systemd's variables already removed).
         redactor: The log filter that must learn every token.
         log_output: How the agent logs, and so how its proxies must.
+        zygote: The launcher forked at start (:func:`agent.launcher.fork_zygote`), if any.
     """
 
     def __init__(
@@ -111,6 +112,7 @@ class Agent:
         base_env: Mapping[str, str],
         redactor: Redactor,
         log_output: Output = Output.JOURNAL,
+        zygote: Preforked | None = None,
     ) -> None:
         self.settings = settings
         self.notifier = notifier
@@ -139,7 +141,9 @@ class Agent:
         self._pid_start = process_start(os.getpid())
         #: The zygote that forks the proxies (``launcher = fork``), or None to spawn them.
         self.launcher = (
-            Launcher(self.base_env, settings.tunnel_ca) if settings.launcher == "fork" else None
+            Launcher(self.base_env, settings.tunnel_ca, zygote)
+            if settings.launcher == "fork"
+            else None
         )
 
     # ------------------------------------------------------------------ lifecycle
@@ -579,8 +583,10 @@ def run(
     base_env: Mapping[str, str],
     redactor: Redactor,
     log_output: Output = Output.JOURNAL,
+    zygote: Preforked | None = None,
 ) -> int:
-    """Run the agent until SIGTERM or SIGINT; returns the exit code."""
+    """Run the agent until SIGTERM or SIGINT; returns the exit code. ``zygote``: the launcher
+    forked at start (:func:`agent.launcher.fork_zygote`), if there is one."""
 
     async def main() -> int:
         loop = asyncio.get_running_loop()
@@ -600,7 +606,7 @@ def run(
                 "mapping files are read for every notification"
             ),
         )
-        agent = Agent(settings, notifier, base_env, redactor, log_output)
+        agent = Agent(settings, notifier, base_env, redactor, log_output, zygote)
         return await agent.run(stop)
 
     try:

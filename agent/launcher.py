@@ -1,15 +1,19 @@
 """The agent's side of the launcher (:mod:`agent.zygote`): start it, ask it for children,
 supervise them, restart it when it dies.
 
-``launcher = fork`` (the default): the agent starts the zygote with :mod:`subprocess` before it
-connects to the broker and asks it over a socket pair to fork each destination proxy; the
+``launcher = fork`` (the default): the agent forks the zygote from itself at start
+(:func:`fork_zygote`: before awscrt is imported or any thread runs, so that the zygote, and so
+every proxy, shares the interpreter and the modules imported so far with the agent), and asks
+it over a socket pair to fork each destination proxy; the
 environment (the tokens) travels over the socket, the status pipe and stderr as descriptors.
 The zygote answers with the child's pid and a pidfd: the agent waits for the child's exit on the
 pidfd and signals it through it (no pid reuse race), and takes its exit code from the zygote's
 report (or, when the zygote died meanwhile, from the child's own ``exited`` status event).
 
-When the zygote dies, the next start restarts it; when it cannot start (or dies too often), the
-agent starts its proxies as new processes (``launcher = spawn``), as before.
+When the zygote dies, the next start restarts it, as a new process (``python -m agent.zygote``,
+:mod:`subprocess`: the agent runs awscrt's threads by then, and a process with threads must not
+fork Python); when it cannot start (or dies too often), the agent starts its proxies as new
+processes (``launcher = spawn``), as before.
 """
 
 from __future__ import annotations
@@ -25,12 +29,20 @@ import subprocess
 import sys
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn, Protocol
 
 from agent.zygote import MAX_MESSAGE
 
-__all__ = ["ForkedProcess", "Launcher", "LauncherError", "zygote_environment"]
+__all__ = [
+    "ForkedProcess",
+    "Launcher",
+    "LauncherError",
+    "Preforked",
+    "fork_zygote",
+    "zygote_environment",
+]
 
 log = logging.getLogger("agent.launcher")
 
@@ -64,6 +76,125 @@ def zygote_environment(base: Mapping[str, str]) -> dict[str, str]:
     }
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [_PROJECT_ROOT, base.get("PYTHONPATH")]))
     return env
+
+
+def _zygote_argv(fd: int, tunnel_ca: str | None) -> list[str]:
+    """:func:`agent.zygote.main`'s arguments."""
+    return [str(fd)] if tunnel_ca is None else [str(fd), tunnel_ca]
+
+
+class _Closable(Protocol):
+    def close(self) -> None: ...
+
+
+class _ZygoteProcess(Protocol):
+    """What the launcher needs of the zygote's process (of :class:`subprocess.Popen`)."""
+
+    @property
+    def pid(self) -> int: ...
+    def kill(self) -> None: ...
+    def wait(self, timeout: float | None = None) -> int: ...
+
+
+class _ForkedZygote:
+    """A zygote forked from the agent (:func:`fork_zygote`), as :class:`_ZygoteProcess`."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+
+    def kill(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.pid, signal.SIGKILL)
+
+    def wait(self, timeout: float | None = None) -> int:
+        """Reap it (call :meth:`kill` first: this blocks until it exits)."""
+        del timeout  # after SIGKILL the wait is short
+        try:
+            _, status = os.waitpid(self.pid, 0)
+        except ChildProcessError:  # reaped already
+            return 0
+        return os.waitstatus_to_exitcode(status)
+
+
+@dataclass
+class Preforked:
+    """A zygote forked from the agent (:func:`fork_zygote`), until :class:`Launcher` adopts it."""
+
+    process: _ForkedZygote
+    sock: socket.socket
+    #: Set when a :class:`Launcher` took it over (and with it, stopping and reaping it).
+    adopted: bool = False
+
+    def discard(self) -> None:
+        """Stop and reap the zygote, unless a launcher adopted it (the agent stopped before
+        it started its launcher, or never started)."""
+        if self.adopted:
+            return
+        self.adopted = True
+        self.sock.close()
+        self.process.kill()
+        self.process.wait()
+
+
+def fork_zygote(
+    base_env: Mapping[str, str], tunnel_ca: Path | None, *, close: tuple[_Closable, ...] = ()
+) -> Preforked | None:
+    """Fork the zygote from this process now, for :class:`Launcher` to adopt.
+
+    Call it early, before awscrt is imported: only a process with one thread may fork and
+    go on running Python in the child, so this forks only when this process has no other thread
+    (None otherwise, or when the fork fails: the launcher then starts the zygote as a new
+    process). The zygote shares every page imported until now with the agent, as the proxies
+    share the zygote's; asyncio and ssl, which both need, are imported first for that. ``close``
+    is what the zygote must not hold (the systemd notification socket).
+    """
+    try:
+        if len(os.listdir("/proc/self/task")) != 1:
+            return None
+    except OSError:  # no /proc: no way to know
+        return None
+    import selectors  # noqa: F401 - imported here to be shared with the zygote
+    import ssl  # noqa: F401
+
+    ca = None if tunnel_ca is None else str(tunnel_ca.absolute())
+    env = zygote_environment(base_env)
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    try:
+        pid = os.fork()
+    except OSError:
+        ours.close()
+        theirs.close()
+        return None
+    if pid == 0:
+        ours.close()
+        _become_zygote(theirs.detach(), ca, env, close)
+    theirs.close()
+    return Preforked(_ForkedZygote(pid), ours)
+
+
+def _become_zygote(
+    fd: int, ca: str | None, env: dict[str, str], close: tuple[_Closable, ...]
+) -> NoReturn:
+    """In the process :func:`fork_zygote` forked: run :func:`agent.zygote.main`; never returns."""
+    code = 1
+    try:
+        for thing in close:
+            thing.close()
+        null = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(null, 0)
+        os.close(null)
+        os.chdir("/")
+        os.environ.clear()
+        os.environ.update(env)
+        from agent.zygote import main
+
+        code = main(_zygote_argv(fd, ca))
+    except BaseException:  # the agent sees the socket close; there is nothing to log to
+        code = 1
+    finally:
+        os._exit(code)
 
 
 class ForkedProcess:
@@ -124,10 +255,16 @@ class Launcher:
         tunnel_ca: The agent's ``tunnel_ca``, whose TLS context the zygote prepares.
     """
 
-    def __init__(self, base_env: Mapping[str, str], tunnel_ca: Path | None) -> None:
+    def __init__(
+        self,
+        base_env: Mapping[str, str],
+        tunnel_ca: Path | None,
+        preforked: Preforked | None = None,
+    ) -> None:
         self._env = zygote_environment(base_env)
         self._ca = None if tunnel_ca is None else str(tunnel_ca.absolute())
-        self._process: subprocess.Popen[bytes] | None = None
+        self._preforked = preforked
+        self._process: _ZygoteProcess | None = None
         self._sock: socket.socket | None = None
         self._ready: asyncio.Future[None] | None = None
         self._pending: dict[int, asyncio.Future[tuple[int, int, asyncio.Future[int | None]]]] = {}
@@ -144,13 +281,18 @@ class Launcher:
         return None if self._process is None else self._process.pid
 
     def start(self) -> None:
-        """Start the zygote process (it imports the proxy meanwhile; :meth:`spawn` waits)."""
+        """Start the zygote process (it imports the proxy meanwhile; :meth:`spawn` waits): the
+        first time, adopt the one forked at the agent's start, if there is one."""
+        if self._preforked is not None and not self._preforked.adopted:
+            preforked, self._preforked = self._preforked, None
+            preforked.adopted = True
+            self._adopt(preforked.process, preforked.sock)
+            log.debug("the launcher (zygote) forked at start has pid %d", preforked.process.pid)
+            return
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        argv = [sys.executable, "-m", "agent.zygote", str(theirs.fileno())]
-        if self._ca is not None:
-            argv.append(self._ca)
+        argv = [sys.executable, "-m", "agent.zygote", *_zygote_argv(theirs.fileno(), self._ca)]
         try:
-            self._process = subprocess.Popen(
+            process = subprocess.Popen(
                 argv,
                 stdin=subprocess.DEVNULL,
                 env=self._env,
@@ -163,10 +305,14 @@ class Launcher:
             return
         finally:
             theirs.close()
-        ours.setblocking(False)
-        self._sock = ours
+        self._adopt(process, ours)
+        log.debug("started the launcher (zygote), pid %d", process.pid)
+
+    def _adopt(self, process: _ZygoteProcess, sock: socket.socket) -> None:
+        sock.setblocking(False)
+        self._process = process
+        self._sock = sock
         self._ready = None
-        log.debug("started the launcher (zygote), pid %d", self._process.pid)
 
     def _attach(self) -> asyncio.Future[None]:
         """Read the socket in the running loop; the future of the zygote's readiness."""
@@ -329,6 +475,9 @@ class Launcher:
     def close(self) -> None:
         """Close the socket: the zygote exits (its children, stopped before, are gone)."""
         self._closing = True
+        if self._preforked is not None:
+            self._preforked.discard()
+            self._preforked = None
         if self._sock is not None or self._process is not None:
             self._died("closed")
         self._process = None

@@ -4,8 +4,11 @@ paying a whole one.
 
 ``python -m agent.zygote FD [CA]``: ``FD`` is its end of a ``SOCK_SEQPACKET`` socket pair with
 the agent; ``CA`` the agent's ``tunnel_ca``, whose TLS context it builds once for every child.
-The agent starts it with :mod:`subprocess` (a fresh interpreter: awscrt, which the agent runs, is
-not fork-safe, and this process never imports it). It imports everything the proxy needs, runs
+The agent forks it from itself at start, before it imports awscrt or runs a thread
+(:func:`agent.launcher.fork_zygote`), and calls :func:`main`; to restart it, it starts
+``python -m agent.zygote`` with :mod:`subprocess` (awscrt's threads run by then, and this
+process never imports awscrt). Its name (``comm``, what ``ps -e`` and ``top`` show) is
+``iotunnel-zygote``, its children's ``iotunnel-proxy``. It imports everything the proxy needs, runs
 one rehearsal tunnel on loopback (:mod:`agent.rehearsal`: what a child would write to on its
 way up, it writes to once here), freezes the garbage collector (so that collections in the
 children do not touch, and so copy, the shared objects), tells the agent it is ready (with the
@@ -39,6 +42,8 @@ from typing import Any, NoReturn
 
 #: The largest message either side sends (an environment of a few kilobytes in practice).
 MAX_MESSAGE = 1 << 20
+#: prctl(2): set the calling thread's name.
+_PR_SET_NAME = 15
 #: ``python -m proxy`` as the agent's child command line has it.
 PROXY_MODULE = ["-m", "proxy"]
 
@@ -79,6 +84,14 @@ def _rehearse() -> int:
     return code
 
 
+def set_name(name: bytes) -> None:
+    """This process's name as ``ps -e`` and ``top`` show it (Linux ``comm``, 15 bytes)."""
+    with contextlib.suppress(OSError, AttributeError):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_NAME, ctypes.c_char_p(name[:15]), 0, 0, 0)
+
+
 def send(sock: socket.socket, message: dict[str, Any], fds: list[int] | None = None) -> None:
     data = json.dumps(message).encode()
     if fds:
@@ -92,6 +105,7 @@ def main(argv: list[str]) -> int:
         sys.stderr.write("usage: python -m agent.zygote FD [CA]\n")
         return 2
     sock = socket.socket(fileno=int(argv[0]))
+    set_name(b"iotunnel-zygote")
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, signal.SIG_IGN)
     # As the gc module's documentation advises for fork without exec: no collection here (it
@@ -188,6 +202,7 @@ def _child(
     code: int = 1
     try:
         gc.enable()
+        set_name(b"iotunnel-proxy")
         signal.set_wakeup_fd(-1)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)

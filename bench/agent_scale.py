@@ -71,7 +71,7 @@ def _parent(pid: int) -> int:
 
 def _is_zygote(pid: int) -> bool:
     try:
-        return b"agent.zygote" in Path(f"/proc/{pid}/cmdline").read_bytes()
+        return Path(f"/proc/{pid}/comm").read_bytes().strip() == b"iotunnel-zygote"
     except OSError:
         return False
 

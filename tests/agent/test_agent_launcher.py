@@ -7,16 +7,18 @@ against the service: tests/e2e/test_agent_e2e.py).
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import signal
 import socket
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from agent.launcher import ForkedProcess, Launcher, zygote_environment
+from agent.launcher import ForkedProcess, Launcher, fork_zygote, zygote_environment
 from agent.proxy_runner import ProxyChild, child_environment
 from iotunnel.secret import Secret
 from iotunnel.status import Connected, Event, Reconnecting
@@ -195,3 +197,113 @@ def test_without_a_launcher_the_proxies_are_spawned(
 
     assert asyncio.run(scenario()) == [(2, False), (2, False)]
     assert caplog.text.count("starting each proxy as a new process instead") == 1
+
+
+def test_no_zygote_is_forked_from_a_process_that_runs_threads() -> None:
+    """A thread (awscrt's, in the agent) could hold a lock the child would inherit taken."""
+    import threading
+
+    release = threading.Event()
+    thread = threading.Thread(target=release.wait)
+    thread.start()
+    try:
+        assert fork_zygote(os.environ, None) is None
+    finally:
+        release.set()
+        thread.join()
+
+
+#: Run in a fresh interpreter (one thread, as the agent before awscrt): the zygote forked from
+#: it serves the first child, a killed one is restarted as a new process, close reaps it.
+PREFORK_SCRIPT = """
+import asyncio, json, os, signal, sys
+from pathlib import Path
+from agent.launcher import Launcher, fork_zygote, ForkedProcess
+from agent.proxy_runner import ProxyChild, child_environment
+from iotunnel.secret import Secret
+from iotunnel.status import Connected, Reconnecting
+
+mappings, port = sys.argv[1], sys.argv[2]
+argv = [sys.executable, "-m", "proxy", "-m", "dst", "--config-dir", mappings,
+        "-e", f"wss://127.0.0.1:{port}", "-v", "5"]
+env = child_environment(os.environ, Secret("prefork-test-token-0123456789"),
+                        Secret("prefork-test-client-0123456789abcdef"))
+
+def proc(pid, name):
+    return Path(f"/proc/{pid}/{name}").read_bytes()
+
+def parent(pid):
+    return int(proc(pid, "stat").decode().rpartition(")")[2].split()[1])
+
+async def one_child(launcher, tag):
+    up = asyncio.Event()
+    child = ProxyChild(tag, argv, env, on_streams=lambda: None, launcher=launcher,
+                       on_event=lambda e: isinstance(e, Reconnecting | Connected) and up.set(),
+                       stop_grace=30)
+    task = asyncio.create_task(child.run())
+    await asyncio.wait_for(up.wait(), 60)
+    seen = {"forked": isinstance(child._process, ForkedProcess),
+            "child_parent_is_zygote": parent(child.pid) == launcher.pid,
+            "zygote_parent_is_agent": parent(launcher.pid) == os.getpid(),
+            "zygote_name": proc(launcher.pid, "comm").decode().strip(),
+            "child_name": proc(child.pid, "comm").decode().strip(),
+            "zygote_cmdline_is_the_agents":
+                proc(launcher.pid, "cmdline") == proc(os.getpid(), "cmdline")}
+    child.stop()
+    seen["code"] = (await asyncio.wait_for(task, 60))[0]
+    return seen
+
+async def main(preforked):
+    launcher = Launcher(os.environ, None, preforked)
+    launcher.start()
+    try:
+        first = await one_child(launcher, "t1")
+        first_zygote = launcher.pid
+        os.kill(first_zygote, signal.SIGKILL)
+        second = await one_child(launcher, "t2")
+        return first_zygote, first, second
+    finally:
+        launcher.close()
+
+preforked = fork_zygote(os.environ, None)
+assert preforked is not None
+first_zygote, first, second = asyncio.run(main(preforked))
+try:
+    os.waitpid(first_zygote, os.WNOHANG)
+    reaped = False
+except ChildProcessError:
+    reaped = True
+print(json.dumps({"first": first, "second": second, "reaped": reaped}))
+"""
+
+
+def test_the_zygote_forked_from_the_agent_serves_until_it_dies(
+    mappings: Path, dead_port: int
+) -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", PREFORK_SCRIPT, str(mappings), str(dead_port)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=Path(__file__).resolve().parents[2],
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout.splitlines()[-1])
+    first, second = result["first"], result["second"]
+    assert first == {
+        "forked": True,
+        "child_parent_is_zygote": True,
+        "zygote_parent_is_agent": True,
+        "zygote_name": "iotunnel-zygote",
+        "child_name": "iotunnel-proxy",
+        "zygote_cmdline_is_the_agents": True,
+        "code": 143,
+    }
+    # Killed, the zygote is started again as a new process (python -m agent.zygote).
+    assert second["forked"]
+    assert second["child_parent_is_zygote"]
+    assert second["zygote_name"] == "iotunnel-zygote"
+    assert not second["zygote_cmdline_is_the_agents"]
+    assert second["code"] == 143
+    assert result["reaped"], "the first zygote was left a zombie"

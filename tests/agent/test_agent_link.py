@@ -275,7 +275,12 @@ def test_a_password_on_the_command_line_is_warned_about_and_redacted(
     import agent.daemon
 
     def run(
-        settings: AgentSettings, notifier: object, env: object, redactor: object, output: object
+        settings: AgentSettings,
+        notifier: object,
+        env: object,
+        redactor: object,
+        output: object,
+        zygote: object,
     ) -> int:
         logging.getLogger("agent").info("a line that quotes %s by mistake", PASSWORD)
         return 0
