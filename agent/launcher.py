@@ -287,7 +287,10 @@ class Launcher:
             preforked, self._preforked = self._preforked, None
             preforked.adopted = True
             self._adopt(preforked.process, preforked.sock)
-            log.debug("the launcher (zygote) forked at start has pid %d", preforked.process.pid)
+            log.debug(
+                "started the launcher (zygote), pid %d, forked from the agent",
+                preforked.process.pid,
+            )
             return
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         argv = [sys.executable, "-m", "agent.zygote", *_zygote_argv(theirs.fileno(), self._ca)]

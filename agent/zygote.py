@@ -56,6 +56,7 @@ def preload(ca_path: str | None) -> None:
     import google.protobuf  # noqa: F401
     import websockets  # noqa: F401
 
+    import proxy.__main__  # the child names its argv[0] after it
     import proxy.cli
     import proxy.io.tunnel
     import proxy.runner  # noqa: F401

@@ -121,7 +121,8 @@ def _one_launcher(
             "key": thing.key,
             "root_ca": pki.ca.cert,
             "mapping_dir": mappings,
-            "tunnel_endpoint": f"wss://127.0.0.1:{service_port}",
+            # A name, as a real endpoint is: each proxy resolves it (an address would spare it)
+            "tunnel_endpoint": f"wss://localhost:{service_port}",
             "tunnel_ca": pki.ca.cert,
             "max_tunnels": 64,
             "launcher": launcher,
