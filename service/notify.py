@@ -174,9 +174,7 @@ class MqttNotifier:
         from awscrt import mqtt5
 
         if self._client is None:
-            log.error(
-                "MQTT: not started; notification for thing %s dropped", delivery.thing_name
-            )
+            log.error("MQTT: not started; notification for thing %s dropped", delivery.thing_name)
             return
         packet = mqtt5.PublishPacket(
             topic=delivery.topic,

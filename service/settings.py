@@ -13,6 +13,7 @@ combinations, :class:`~iotunnel.errors.ConfigError` for the settings file (exit 
 from __future__ import annotations
 
 import argparse
+import math
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
@@ -82,34 +83,26 @@ def _int_range(low: int, high: int) -> Any:
     return convert
 
 
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
-    if not value > 0 or value != value or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a positive number of seconds: {text!r}")
-    return value
+def _number(of: str, unit: str, *, zero: bool) -> Callable[[str], float]:
+    """A converter to a finite number of ``unit``: above 0, or 0 and above when ``zero``
+    (``of``: how an error names it, "of seconds" or "per second")."""
+
+    def convert(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number {of}: {text!r}") from None
+        if not math.isfinite(value) or value < 0 or (value == 0 and not zero):
+            least = f"0 or more {unit}" if zero else f"a positive number {of}"
+            raise argparse.ArgumentTypeError(f"must be {least}: {text!r}")
+        return value
+
+    return convert
 
 
-def _retention(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
-    if not 0 <= value < float("inf"):
-        raise argparse.ArgumentTypeError(f"must be 0 or more seconds: {text!r}")
-    return value
-
-
-def _rate(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number per second: {text!r}") from None
-    if not 0 <= value < float("inf"):
-        raise argparse.ArgumentTypeError(f"must be 0 or more per second: {text!r}")
-    return value
+_seconds = _number("of seconds", "seconds", zero=False)
+_retention = _number("of seconds", "seconds", zero=True)
+_rate = _number("per second", "per second", zero=True)
 
 
 def _size(text: str) -> int:
