@@ -174,6 +174,35 @@ def test_side_by_side_with_the_reference_runs_small(tmp_path: Path) -> None:
     json.dumps(section)
 
 
+def test_side_by_side_runs_only_the_scenarios_asked_for(tmp_path: Path) -> None:
+    """``--side-by-side-scenario rtt_idle``: the idle round trips and the idle figures only."""
+    reference, why = sidebyside.find_reference()
+    if reference is None:
+        pytest.skip(why)
+    pki = PKI.create(tmp_path / "pki")
+    section = sidebyside.run(
+        tmp_path / "run",
+        pki,
+        {"reference": reference, "iotunnel": None},
+        rounds=1,
+        transfer_bytes=2 * bench.MiB,
+        rtt_count=10,
+        bulk_rtt_count=10,
+        setup_count=5,
+        scenarios=("rtt_idle",),
+    )
+    for figures in section["figures"].values():
+        assert set(figures) == {
+            "idle_rss_source_mib",
+            "idle_rss_destination_mib",
+            "rtt_idle_median_ms",
+            "rtt_idle_p99_ms",
+        }
+    assert "rtt_idle_median_ms" in section["ratios"]["iotunnel"]
+    assert "download_destination_cpu_s_per_gb" not in section["ratios"]["iotunnel"]
+    assert "first byte 5 ms after connect, median (ms)" in sidebyside.table(section)
+
+
 def test_memory_chart_is_drawn_from_agent_scale(tmp_path: Path) -> None:
     """With an ``agent_scale`` section the memory chart is drawn, one line per launcher."""
     pytest.importorskip("matplotlib", reason="the bench extra (matplotlib) is not installed")
