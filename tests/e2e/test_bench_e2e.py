@@ -161,7 +161,9 @@ def test_side_by_side_with_the_reference_runs_small(tmp_path: Path) -> None:
     reference_figures = figures["reference"]
     assert set(ratios) == {k for k, _ in sidebyside.METRICS if reference_figures[k]["median"]}
     assert {"idle_rss_destination_mib", "rtt_idle_median_ms", "first_byte_p99_ms"} <= set(ratios)
-    assert all(value > 0 for value in ratios.values())
+    # ... and iotunnel's own CPU figure can be zero ticks too (a ratio of 0)
+    assert all(value > 0 for key, value in ratios.items() if "_cpu_" not in key)
+    assert all(value >= 0 for value in ratios.values())
     text = sidebyside.table(section)
     assert "iotunnel / ref" in text
     assert "destination CPU s/GB" in text
