@@ -11,7 +11,8 @@ reference requires), so that builds can be compared side by side in one run.
 By default the run ends with :mod:`bench.sidebyside`: the reference ``localproxy`` (``$LOCALPROXY``
 or ``../shared/peers/localproxy/localproxy-x86_64``; skipped with a note when it does not run
 here) and iotunnel in the same run, interleaved, with ratios; ``--also NAME=CMD`` adds another
-implementation to it (for example an older checkout), ``--no-side-by-side`` leaves it out.
+implementation to it (for example an older checkout), ``--no-side-by-side`` leaves it out,
+``--side-by-side-scenario NAME`` (repeatable) runs only some of its scenarios.
 The charts (:mod:`bench.charts`, matplotlib from the ``bench`` extra) go to ``bench/charts/``.
 
 ``--soak`` runs the soak scenarios instead (:mod:`bench.soak`: 200 tunnels opened and closed
@@ -306,7 +307,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             results[label] = section
         finally:
             setup.stack.close()
-    if args.proxy_cmd is None:  # the agent with 1, 4 and 16 tunnels (about 50 s)
+    if args.proxy_cmd is None and not args.only_side_by_side:  # the agent, 1, 4, 16 tunnels (50 s)
         results["agent_scale"] = agent_scale.agent_scale(workdir / "agent-scale", pki)
     if args.side_by_side or args.only_side_by_side:
         results["side_by_side"] = side_by_side(args, workdir, pki)
@@ -336,6 +337,7 @@ def side_by_side(args: argparse.Namespace, workdir: Path, pki: PKI) -> dict[str,
         rtt_count=500 if quick else 2000,
         bulk_rtt_count=200 if quick else 500,
         setup_count=50 if quick else 200,
+        scenarios=args.side_by_side_scenario or sidebyside.SCENARIOS,
     )
 
 
@@ -428,6 +430,13 @@ def main(argv: list[str] | None = None) -> int:
         "--only-side-by-side", action="store_true", help="run the side-by-side comparison only"
     )
     parser.add_argument("--rounds", type=int, default=0, help="side-by-side runs per scenario")
+    parser.add_argument(
+        "--side-by-side-scenario",
+        action="append",
+        choices=sidebyside.SCENARIOS,
+        metavar="NAME",
+        help=f"run only this side-by-side scenario (repeatable; {', '.join(sidebyside.SCENARIOS)})",
+    )
     parser.add_argument("--charts", type=Path, help="default: bench/charts/ (none with --json)")
     parser.add_argument(
         "--soak", action="store_true", help="run the soak scenarios instead (a few minutes)"

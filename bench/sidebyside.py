@@ -19,7 +19,7 @@ from __future__ import annotations
 import shlex
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +49,9 @@ METRICS: list[tuple[str, str]] = [
 ]
 
 
+#: The scenarios, in the order they run (``python -m bench --side-by-side-scenario NAME``).
+SCENARIOS = ("rtt_idle", "first_byte", "download", "rtt_bulk")
+
 #: Runs of a scenario that fail (the reference's buffer limits) are run again, this many times.
 RETRIES = 3
 
@@ -73,9 +76,11 @@ def run(
     rtt_count: int,
     bulk_rtt_count: int,
     setup_count: int,
+    scenarios: Sequence[str] = SCENARIOS,
 ) -> dict[str, Any]:
     """Every implementation in ``impls`` (name -> ``--proxy-cmd``, None for iotunnel's own
-    proxies started as the bench starts them), each scenario ``rounds`` times, interleaved."""
+    proxies started as the bench starts them), each of ``scenarios`` (names from
+    :data:`SCENARIOS`) ``rounds`` times, interleaved."""
     from bench.__main__ import background, cpu_seconds, load, start
 
     names = list(impls)
@@ -143,14 +148,14 @@ def run(
             runs[name]["first_byte_median_ms"].append(r["median_ms"])
             runs[name]["first_byte_p99_ms"].append(r["p99_ms"])
 
-        scenarios: list[Callable[[str], None]] = [
-            rtt_idle,
-            first_byte,
-            lambda n: transfer(n, "download"),
-            rtt_bulk,
-        ]
+        by_name: dict[str, Callable[[str], None]] = {
+            "rtt_idle": rtt_idle,
+            "first_byte": first_byte,
+            "download": lambda n: transfer(n, "download"),
+            "rtt_bulk": rtt_bulk,
+        }
         restarts = 0
-        for scenario in scenarios:
+        for scenario in [by_name[name] for name in SCENARIOS if name in scenarios]:
             for i in range(rounds):
                 for name in names if i % 2 == 0 else reversed(names):
                     for attempt in range(RETRIES + 1):

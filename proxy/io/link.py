@@ -7,16 +7,22 @@ the open connection); it maps the library's and the operating system's exception
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import re
 import ssl
-from collections.abc import Iterator
+from collections import deque
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
+from typing import Any
 from urllib.parse import urlsplit
 
 from websockets.asyncio.client import ClientConnection, connect
+from websockets.client import ClientProtocol
 from websockets.exceptions import InvalidHandshake, InvalidStatus, InvalidURI
+from websockets.frames import Frame, Opcode
+from websockets.protocol import Event
 from websockets.typing import Subprotocol
 
 from iotunnel import __version__
@@ -27,7 +33,15 @@ from proxy.io.sockets import tune_transport
 from proxy.protocol.framing import MAX_WS_MESSAGE
 from proxy.tls import CAError, ssl_context
 
-__all__ = ["LinkOptions", "close_cause", "map_exceptions", "open_link", "prepare", "ssl_context"]
+__all__ = [
+    "Link",
+    "LinkOptions",
+    "close_cause",
+    "map_exceptions",
+    "open_link",
+    "prepare",
+    "ssl_context",
+]
 
 log = logging.getLogger("proxy.link")
 
@@ -69,6 +83,110 @@ def prepare(options: LinkOptions) -> LinkOptions:
     except CAError as exc:
         raise ConfigError(f"-c: {options.ca_path}: {exc}") from None
     return replace(options, tls=context)
+
+
+#: Takes the payload of a binary WebSocket frame as it is received; returns False when it can
+#: take no more until :meth:`Link.resume` is called.
+Handler = Callable[[bytes], bool]
+
+
+class Link(ClientConnection):
+    """websockets' client connection, with binary data handed over as it is received.
+
+    The frames that websockets' Sans-I/O protocol parses in ``data_received`` reach
+    :meth:`process_event`. A binary frame's payload (a whole message, or a fragment of one: the
+    tunnel's frame decoder buffers across messages) goes straight to the handler given to
+    :meth:`take`, in that event-loop turn, not through websockets' queue and a task woken by
+    ``recv()`` (a future and a task switch per message, at each proxy). Control frames go
+    through websockets as before; a text message (a protocol violation here) is dropped and
+    reported in :attr:`text_received`.
+
+    Backpressure: when the handler says it can take no more, reading from the socket pauses
+    and what was already parsed is held, in order (at most one socket read's worth), until
+    :meth:`resume`. :attr:`attention` is set then, when a text message arrives, and when the
+    connection is lost: the owner's task waits for it and does what a handler cannot do
+    without awaiting.
+    """
+
+    def __init__(self, protocol: ClientProtocol, **kwargs: Any) -> None:
+        super().__init__(protocol, **kwargs)
+        self._handler: Handler | None = None
+        #: Binary payloads received while the handler could take no more, oldest first.
+        self._held: deque[bytes] = deque()
+        self._paused = False
+        self._dropping = False
+        #: Inside a fragmented binary message (its continuation frames are binary data too).
+        self._in_binary = False
+        #: A text message arrived.
+        self.text_received = False
+        self.attention = asyncio.Event()
+
+    def take(self, handler: Handler) -> None:
+        """Hand every binary payload, the held ones first, to ``handler`` from now on."""
+        self._handler = handler
+        self.resume()
+
+    def release(self) -> None:
+        """Drop the binary payloads held and those received from now on (they are for no one),
+        and read on: the closing handshake and the end of the connection still come in."""
+        self._handler = None
+        self._dropping = True
+        self._held.clear()
+        if self._paused:
+            self._paused = False
+            if not self.transport.is_closing():
+                self.transport.resume_reading()
+
+    def resume(self) -> None:
+        """Hand the held payloads to the handler until it can take no more; then read on."""
+        handler = self._handler
+        if handler is None:
+            return
+        held = self._held
+        while held:
+            if not handler(held.popleft()):
+                self._pause()
+                return
+        if self._paused:
+            self._paused = False
+            if not self.transport.is_closing():
+                self.transport.resume_reading()
+
+    @property
+    def held(self) -> int:
+        """Binary payloads received and not yet handed over."""
+        return len(self._held)
+
+    def _pause(self) -> None:
+        if not self._paused:
+            self._paused = True
+            if not self.transport.is_closing():
+                self.transport.pause_reading()
+        self.attention.set()
+
+    def process_event(self, event: Event) -> None:
+        if isinstance(event, Frame) and self.response is not None:
+            opcode = event.opcode
+            if opcode is Opcode.BINARY or (opcode is Opcode.CONT and self._in_binary):
+                self._in_binary = not event.fin
+                if self._dropping:
+                    return
+                data = event.data if isinstance(event.data, bytes) else bytes(event.data)
+                if self._paused or self._handler is None or self._held:
+                    self._held.append(data)
+                    self._pause()
+                elif not self._handler(data):
+                    self._pause()
+                return
+            if opcode is Opcode.TEXT or opcode is Opcode.CONT:
+                self.text_received = True
+                self.attention.set()
+                return
+        super().process_event(event)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
+        self.attention.set()
 
 
 class _Connect(connect):
@@ -214,7 +332,7 @@ def map_exceptions(secrets: tuple[str, ...] = ()) -> Iterator[None]:
         raise ConnectFailed(f"cannot reach the tunnel service: {text}") from None
 
 
-async def open_link(options: LinkOptions) -> tuple[ClientConnection, int]:
+async def open_link(options: LinkOptions) -> tuple[Link, int]:
     """Connect and upgrade; returns the connection and the negotiated protocol version.
 
     Raises:
@@ -247,7 +365,9 @@ async def open_link(options: LinkOptions) -> tuple[ClientConnection, int]:
             compression=None,
             user_agent_header=f"iotunnel/{__version__}",
             proxy=True,
+            create_connection=Link,
         )
+    assert isinstance(ws, Link)
     tune_transport(ws.transport)
     version = SUBPROTOCOLS.get(ws.subprotocol or "", 1)
     channel = ws.response.headers.get("channel-id") if ws.response else None

@@ -22,7 +22,6 @@ import os
 import socket
 import uuid
 
-from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed
 from websockets.protocol import State
 
@@ -32,7 +31,7 @@ from iotunnel.mode import Mode
 from iotunnel.status import Closed, Connected, Opened, Reconnecting, Services, StatusWriter
 from proxy.config import Endpoint, ProxySettings
 from proxy.errors import TransportError
-from proxy.io.link import LinkOptions, close_cause, open_link, prepare
+from proxy.io.link import Link, LinkOptions, close_cause, open_link, prepare
 from proxy.io.local import LocalConnection, connect_local
 from proxy.io.scheduler import FairScheduler
 from proxy.logs import TRACE
@@ -104,8 +103,11 @@ class Tunnel:
         #: first connect) and those on free ports for unmapped services (by service ID).
         self.mapped_listeners: dict[str, _Listener] = {}
         self.free_listeners: dict[str, _Listener] = {}
-        self.ws: ClientConnection | None = None
+        self.ws: Link | None = None
         self._congested: list[LocalConnection] = []
+        #: What handling a received message raised, for the reader task to raise.
+        self._failure: Exception | None = None
+        self._trace = False
         #: True while the WebSocket writer waits for something to send.
         self._writer_idle = False
         self._tasks: set[asyncio.Task[None]] = set()
@@ -248,7 +250,7 @@ class Tunnel:
 
     # ------------------------------------------------------------------ one WebSocket
 
-    async def _serve(self, ws: ClientConnection, version: int) -> bool:
+    async def _serve(self, ws: Link, version: int) -> bool:
         """Relay until the WebSocket ends; True when the service closed the tunnel."""
         self.ws = ws
         if self.session.role is Mode.SOURCE:
@@ -262,10 +264,11 @@ class Tunnel:
         try:
             return await self._reader(ws)
         finally:
+            ws.release()  # what arrives from now on is for no session
             writer.cancel()
             await asyncio.gather(writer, return_exceptions=True)
 
-    async def _writer(self, ws: ClientConnection) -> None:
+    async def _writer(self, ws: Link) -> None:
         """Send what the scheduler picks; measure how fast the link drains while busy.
 
         Only the time spent sending counts (waits for the link to drain included, waits for
@@ -300,32 +303,57 @@ class Tunnel:
         assert isinstance(flow, LocalConnection)
         return None if flow.framer is None else flow.framer.pieces(data)
 
-    async def _reader(self, ws: ClientConnection) -> bool:
-        trace = log.isEnabledFor(TRACE)
+    async def _reader(self, ws: Link) -> bool:
+        """Do what received messages need and :meth:`_on_message` cannot do without awaiting.
+
+        Messages are handled as they are received (in the WebSocket's ``data_received``); this
+        task waits for the link's ``attention``: a local peer with too much unread (the link
+        holds further messages until it has read enough), listeners to open, a broken session,
+        a text message, or the end of the connection.
+        """
+        self._trace = log.isEnabledFor(TRACE)
+        self._failure = None
+        ws.take(self._on_message)
+        while True:
+            await ws.attention.wait()
+            ws.attention.clear()
+            if self._failure is not None:
+                raise self._failure
+            if ws.text_received:
+                log.error("the tunnel service sent a text message; reconnecting")
+                await ws.close(1003, "binary messages only")
+                return False
+            if self.session.broken:
+                await ws.close(1002, "invalid tunnel frame")
+                return False
+            if self._listeners_wanted:
+                await self._ensure_listeners()
+            while self._congested:
+                await self._congested.pop().wait_writable()
+            ws.resume()
+            if ws.state is State.CLOSED and not ws.held:
+                received = ws.protocol.close_rcvd
+                if received is not None and received.code == 1000:
+                    log.info(
+                        "the tunnel service closed the tunnel: %s", received.reason or "closed"
+                    )
+                    return True
+                return False
+
+    def _on_message(self, data: bytes) -> bool:
+        """Handle a binary message (or part of one) from the service, as it is received.
+
+        Returns False when the reader task has something to do first (see :meth:`_reader`).
+        """
+        if self._trace:
+            log.log(TRACE, "received %d bytes from the service", len(data))
         try:
-            while True:
-                message = await ws.recv()
-                if isinstance(message, str):
-                    log.error("the tunnel service sent a text message; reconnecting")
-                    await ws.close(1003, "binary messages only")
-                    return False
-                if trace:
-                    log.log(TRACE, "received %d bytes from the service", len(message))
-                self.session.receive_data(message)
-                self._carry_out()
-                if self.session.broken:
-                    await ws.close(1002, "invalid tunnel frame")
-                    return False
-                if self._listeners_wanted:
-                    await self._ensure_listeners()
-                while self._congested:
-                    await self._congested.pop().wait_writable()
-        except ConnectionClosed as exc:
-            received = exc.rcvd
-            if received is not None and received.code == 1000:
-                log.info("the tunnel service closed the tunnel: %s", received.reason or "closed")
-                return True
+            self.session.receive_data(data)
+            self._carry_out()
+        except Exception as exc:  # a configuration error (_Exit): the reader task raises it
+            self._failure = exc
             return False
+        return not (self._congested or self._listeners_wanted or self.session.broken)
 
     def _carry_out(self) -> None:
         """Queue the session's control frames and carry out its actions; never awaits."""

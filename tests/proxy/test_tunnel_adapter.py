@@ -22,6 +22,7 @@ from iotunnel.exits import ExitCode
 from proxy.config import ProxySettings, load
 from proxy.io.local import LocalConnection
 from proxy.io.tunnel import Tunnel
+from proxy.protocol.framing import encode
 from proxy.protocol.messages import Message, MessageType
 from testbed.fake_service import FakeService
 from testbed.harness import free_port
@@ -571,3 +572,79 @@ def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+# ---------------------------------------------------------------------- receiving (link.py)
+
+
+def test_a_slow_local_reader_stops_the_websocket_and_loses_nothing() -> None:
+    """Messages are handled as they are received; a local peer that reads nothing stops the
+    reading of the WebSocket (the service's sends block), and what the link held meanwhile
+    reaches the peer in order."""
+
+    async def test() -> None:
+        local = LocalServer()
+        port = await local.start()
+        # 24 MB (more than the loopback socket buffers and the proxy's write buffer hold) in
+        # small messages: a socket read brings several, and the link holds some of them
+        chunks = [bytes([i % 251]) * 3000 for i in range(8000)]
+        async with (
+            FakeService(("SSH1",)) as fake,
+            running(settings(fake.url, "-d", f"SSH1={port}")) as (tunnel, task, _),
+        ):
+            await fake.connected.wait()
+            await fake.send(T.STREAM_START, 1, service_id="SSH1", connection_id=1)
+
+            async def send_all() -> None:
+                for chunk in chunks:
+                    await fake.send(T.DATA, 1, service_id="SSH1", connection_id=1, payload=chunk)
+
+            sending = asyncio.create_task(send_all())
+            reader, writer = await local.next()
+            async with asyncio.timeout(30):
+                # nothing signals the pause of a transport's reading: poll for it
+                while tunnel.ws is None or tunnel.ws.transport.is_reading():  # noqa: ASYNC110
+                    await asyncio.sleep(0.01)
+            assert not sending.done()
+            assert tunnel.ws.held <= 256 * 1024 // 3000  # at most one socket read's worth
+            received = await reader.readexactly(sum(map(len, chunks)))
+            assert received == b"".join(chunks)
+            await sending
+            assert tunnel.ws.transport.is_reading()
+            assert not task.done()
+            writer.close()
+        await local.close()
+
+    run(test)
+
+
+def test_a_fragmented_message_from_the_service_is_delivered() -> None:
+    """A binary message in fragments (a frame's length prefix cut in two among them) reaches
+    the local peer as one payload, in order with the messages around it."""
+
+    async def test() -> None:
+        local = LocalServer()
+        port = await local.start()
+        async with (
+            FakeService(("SSH1",)) as fake,
+            running(settings(fake.url, "-d", f"SSH1={port}")) as (_, task, _log),
+        ):
+            await fake.connected.wait()
+            await fake.send(T.STREAM_START, 1, service_id="SSH1", connection_id=1)
+            await fake.send(T.DATA, 1, service_id="SSH1", connection_id=1, payload=b"one ")
+            frames = [
+                encode(Message(T.DATA, 1, "SSH1", 1, payload=b"two, in fragments "))
+                for _ in range(2)
+            ]
+            whole = b"".join(frames)
+            assert fake.ws is not None
+            await fake.ws.send([whole[:1], whole[1:7], whole[7:30], whole[30:]])
+            await fake.send(T.DATA, 1, service_id="SSH1", connection_id=1, payload=b"three")
+            reader, writer = await local.next()
+            expected = b"one " + b"two, in fragments " * 2 + b"three"
+            assert await reader.readexactly(len(expected)) == expected
+            assert not task.done()
+            writer.close()
+        await local.close()
+
+    run(test)
