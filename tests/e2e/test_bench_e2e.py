@@ -12,6 +12,7 @@ import json
 import shlex
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -132,24 +133,30 @@ def test_the_agent_scale_scenario_runs_both_launchers_at_tiny_size(tmp_path: Pat
     json.dumps(section)
 
 
-def test_side_by_side_with_the_reference_runs_small(tmp_path: Path) -> None:
-    """The side-by-side runs at a tiny size: the reference and iotunnel interleaved through
-    their own tunnels, each figure with its runs and a ratio, and the charts (or a note that
-    matplotlib is missing)."""
+def tiny_side_by_side(tmp_path: Path, **options: Any) -> dict[str, Any]:
+    """The side-by-side at a tiny size, the reference against iotunnel (skips without the
+    reference); ``options`` go to :func:`bench.sidebyside.run`."""
     reference, why = sidebyside.find_reference()
     if reference is None:
         pytest.skip(why)
-    pki = PKI.create(tmp_path / "pki")
-    section = sidebyside.run(
+    section: dict[str, Any] = sidebyside.run(
         tmp_path / "run",
-        pki,
+        PKI.create(tmp_path / "pki"),
         {"reference": reference, "iotunnel": None},
-        rounds=2,
         transfer_bytes=2 * bench.MiB,
         rtt_count=10,
         bulk_rtt_count=10,
         setup_count=5,
+        **options,
     )
+    return section
+
+
+def test_side_by_side_with_the_reference_runs_small(tmp_path: Path) -> None:
+    """The side-by-side runs at a tiny size: the reference and iotunnel interleaved through
+    their own tunnels, each figure with its runs and a ratio, and the charts (or a note that
+    matplotlib is missing)."""
+    section = tiny_side_by_side(tmp_path, rounds=2)
     figures = section["figures"]
     for name in ("reference", "iotunnel"):
         assert set(figures[name]) == {key for key, _ in sidebyside.METRICS}
@@ -178,21 +185,7 @@ def test_side_by_side_with_the_reference_runs_small(tmp_path: Path) -> None:
 
 def test_side_by_side_runs_only_the_scenarios_asked_for(tmp_path: Path) -> None:
     """``--side-by-side-scenario rtt_idle``: the idle round trips and the idle figures only."""
-    reference, why = sidebyside.find_reference()
-    if reference is None:
-        pytest.skip(why)
-    pki = PKI.create(tmp_path / "pki")
-    section = sidebyside.run(
-        tmp_path / "run",
-        pki,
-        {"reference": reference, "iotunnel": None},
-        rounds=1,
-        transfer_bytes=2 * bench.MiB,
-        rtt_count=10,
-        bulk_rtt_count=10,
-        setup_count=5,
-        scenarios=("rtt_idle",),
-    )
+    section = tiny_side_by_side(tmp_path, rounds=1, scenarios=("rtt_idle",))
     for figures in section["figures"].values():
         assert set(figures) == {
             "idle_rss_source_mib",
