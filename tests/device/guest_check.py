@@ -96,6 +96,27 @@ def show(*props: str) -> dict[str, str]:
     return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
 
 
+def children(pid: int) -> list[int]:
+    found = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        found += [int(c) for c in (task / "children").read_text().split()]
+    return found
+
+
+def comm(pid: int) -> str:
+    return Path(f"/proc/{pid}/comm").read_text().strip()
+
+
+def process_tree(agent: int) -> tuple[str, list[str]] | None:
+    """The name of the agent's one child (the launcher, forked from it) and its children's
+    names (a proxy per tunnel); None when the agent has no child or more than one."""
+    try:
+        [launcher] = children(agent)
+        return comm(launcher), sorted(comm(pid) for pid in children(launcher))
+    except (ValueError, OSError):
+        return None
+
+
 def journal(*extra: str) -> str:
     return sh(["journalctl", "--no-pager", "-u", UNIT, *extra]).stdout
 
@@ -259,6 +280,12 @@ def run(payload: Path, report: Report) -> None:
             lambda: re.search(r"\[t1\].*connected to the tunnel service", journal()) is not None,
         )
         report.check("tunnel-destination", connected, opened["tunnelId"])
+        tree = process_tree(int(show("MainPID")["MainPID"]))
+        report.check(
+            "process-tree",
+            tree == ("iotunnel-zygote", ["iotunnel-proxy"]),
+            f"the agent's children and grandchildren: {tree}",
+        )
         source = stack.source(
             opened["sourceAccessToken"],
             service.port,

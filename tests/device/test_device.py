@@ -34,6 +34,7 @@ CHECKS = (
     "agent-check",
     "started",
     "tunnel-destination",
+    "process-tree",
     "http-and-ssh",
     "status-line",
     "journal-priorities",
