@@ -191,8 +191,62 @@ def _build_parser() -> Parser:
     return parser
 
 
+#: The flags that take a value, as typed, and the long name of each.
+_VALUED = {
+    **{f"-{o.short}": o.name for o in _OPTIONS if o.metavar is not None and o.short},
+    **{f"--{o.name}": o.name for o in _OPTIONS if o.metavar is not None},
+    "--config": "config",
+    "--export-default-settings": "export-default-settings",
+}
+#: Every flag, as typed.
+_FLAGS = frozenset(
+    [*_VALUED, "-h", "--help", "-V", "--version"]
+    + [f"-{o.short}" for o in _OPTIONS if o.short]
+    + [f"--{o.name}" for o in _OPTIONS]
+)
+
+
+def _is_flag(arg: str) -> bool:
+    """``arg`` is one of the flags, alone or with its value glued on (-d22, --region=x)."""
+    if arg.startswith("--"):
+        return arg.partition("=")[0] in _FLAGS
+    return arg[:2] in _FLAGS
+
+
+def _glue_dash_values(argv: Sequence[str]) -> list[str]:
+    """Read a value that starts with '-' as the reference does.
+
+    The reference (Boost.Program_options) takes the argument after a flag that needs a value as
+    that value even when it starts with '-' (a token may: ``-t -Qx...``), unless it is one of its
+    flags (``-t -d 22`` is a ``-t`` without its value). argparse would take any such argument for
+    a flag: it is glued on here (``--access-token=-Qx...``), which argparse reads as a value.
+    """
+    glued: list[str] = []
+    index = 0
+    while index < len(argv):
+        arg = argv[index]
+        if arg == "--":
+            glued += argv[index:]
+            break
+        following = argv[index + 1] if index + 1 < len(argv) else None
+        name = _VALUED.get(arg)
+        if (
+            name is not None
+            and following is not None
+            and following.startswith("-")
+            and following != "-"
+            and not _is_flag(following)
+        ):
+            glued.append(f"--{name}={following}")
+            index += 2
+            continue
+        glued.append(arg)
+        index += 1
+    return glued
+
+
 def _parse_argv(parser: Parser, argv: Sequence[str]) -> argparse.Namespace:
-    namespace, extras = parser.parse_known_args(list(argv))
+    namespace, extras = parser.parse_known_args(_glue_dash_values(argv))
     if extras:
         first = extras[0]
         if first != "--" and first.startswith("-") and len(first) > 1:

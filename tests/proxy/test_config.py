@@ -521,6 +521,28 @@ def test_access_token_from_argv_only_with_t(tmp_path: Path) -> None:
     assert ok(["-r", "us-east-1", "-d", "22", "-t", TOKEN], tmp_path, env={}).access_token_from_argv
 
 
+@pytest.mark.parametrize("flag", ["-t", "--access-token"])
+def test_a_value_that_starts_with_a_dash_is_a_value_as_for_the_reference(
+    tmp_path: Path, flag: str
+) -> None:
+    """The reference takes the argument after -t as the token even when it starts with '-'
+    (a random token can: 1 in 64); argparse alone took it for a flag and stopped with exit 2."""
+    token = "-Qx" + TOKEN
+    settings = ok(["-r", "us-east-1", "-d", "22", flag, token], tmp_path, env={})
+    assert settings.access_token == Secret(token)
+    assert ok(["-d", "22", "-e", "h", "-i", "-" + CLIENT[1:]], tmp_path).client_token == Secret(
+        "-" + CLIENT[1:]
+    )
+
+
+@pytest.mark.parametrize("following", ["-d", "-d22", "--region", "--region=us-east-1"])
+def test_a_flag_after_t_is_a_flag_as_for_the_reference(tmp_path: Path, following: str) -> None:
+    """... unless the argument is one of the flags: then -t has no value (the reference:
+    "the required argument for option '--access-token' is missing")."""
+    message = err(["-e", "h", "-t", following, "22"], tmp_path, env={})
+    assert message == "argument -t/--access-token: expected one argument"
+
+
 @pytest.mark.parametrize(
     ("token", "problem"),
     [

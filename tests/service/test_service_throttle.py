@@ -145,7 +145,9 @@ def test_wrong_tokens_are_throttled_valid_peers_are_not(
     harness.run(scenario())
     # One line per episode (websockets' own per-response lines are off outside --verbose).
     throttled = [
-        r for r in caplog.records if r.name == "service.server" and "429" in r.getMessage()
+        r
+        for r in caplog.records
+        if r.name == "service.server" and "429 too many failed handshakes" in r.getMessage()
     ]
     assert len(throttled) == 1, [r.getMessage() for r in throttled]
     assert WRONG not in caplog.text
