@@ -126,6 +126,7 @@ def _run_proxy(port: int, echo_port: int, pair: tuple[Path, Path] | None, scratc
         argv += ["-c", str(pair[0])]
     argv += ["-v", VERBOSITY]
     status_r, status_w = os.pipe2(os.O_NONBLOCK)
+    status_pipe = os.fstat(status_w).st_ino
     saved_env = dict(os.environ)
     os.environ[ENV_ACCESS_TOKEN] = secrets.token_urlsafe(32)
     os.environ[ENV_STATUS_FD] = str(status_w)
@@ -152,8 +153,11 @@ def _run_proxy(port: int, echo_port: int, pair: tuple[Path, Path] | None, scratc
         os.environ.update(saved_env)
         _drain(status_r)
         os.close(status_r)
-        with contextlib.suppress(OSError):  # the proxy closes its status channel itself
-            os.close(status_w)
+        # The proxy closes its status channel itself, unless it stopped before it opened it;
+        # the number may be another descriptor's by now.
+        with contextlib.suppress(OSError):
+            if os.fstat(status_w).st_ino == status_pipe:
+                os.close(status_w)
         _forget_proxy_state()
 
 
